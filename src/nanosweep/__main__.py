@@ -1,0 +1,3 @@
+from nanosweep.cli import main
+
+main()
