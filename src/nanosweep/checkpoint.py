@@ -13,8 +13,13 @@ from nanosweep.model import GPT, GPTConfig
 
 
 def make_checkpoint(
-    model: GPT, optimizer: torch.optim.Optimizer, iter_num: int, best_val_loss: float, cfg: TrainConfig,
-    rng: dict[str, torch.Tensor], eval_losses: dict[str, float],
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    iter_num: int,
+    best_val_loss: float,
+    cfg: TrainConfig,
+    rng: dict[str, torch.Tensor],
+    eval_losses: dict[str, float],
 ) -> dict[str, Any]:
     """nanoGPT's checkpoint dict; `rng` and `eval_losses` are extra, for resuming, and nanoGPT ignores them."""
     return {

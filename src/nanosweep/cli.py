@@ -35,15 +35,22 @@ def train_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """One --option per TrainConfig field, with its default and help."""
     for field in reversed(dataclasses.fields(TrainConfig)):
         option = click.option(
-            f"--{field.name.replace('_', '-')}", field.name, type=type(field.default), default=field.default,
-            show_default=True, help=field.metadata["help"],
+            f"--{field.name.replace('_', '-')}",
+            field.name,
+            type=type(field.default),
+            default=field.default,
+            show_default=True,
+            help=field.metadata["help"],
         )
         command = option(command)
     return command
 
 
 input_option = click.option(
-    "--input", "input_path", type=click.Path(dir_okay=False), default=None,
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False),
+    default=None,
     help="tiny Shakespeare input.txt (else NANOSWEEP_INPUT, the cache, or a download)",
 )
 tracking_uri_option = click.option(
@@ -79,8 +86,12 @@ def prepare_command(input_path: str | None) -> None:
 @click.option("--parent-run-id", default=None, help="nest the new run under this run")
 @user_errors
 def train_command(
-    input_path: str | None, tracking_uri: str | None, experiment: str, run_id: str | None,
-    parent_run_id: str | None, **fields: Any,
+    input_path: str | None,
+    tracking_uri: str | None,
+    experiment: str,
+    run_id: str | None,
+    parent_run_id: str | None,
+    **fields: Any,
 ) -> None:
     """Train one configuration as one MLflow run."""
     from nanosweep.trial import Interrupted, run_trial  # torch loads only for commands that train

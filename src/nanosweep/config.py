@@ -139,8 +139,18 @@ def field_help() -> dict[str, str]:
 def validate(cfg: TrainConfig) -> None:
     """Refuse values nanoGPT would crash on or that make no sense, naming value and range."""
     positive = (
-        "block_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
-        "max_iters", "eval_interval", "eval_iters", "log_interval", "max_new_tokens", "top_k",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_iters",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+        "max_new_tokens",
+        "top_k",
     )
     for name in positive:
         value = getattr(cfg, name)

@@ -157,7 +157,9 @@ class Batches:
     def __len__(self) -> int:
         return min(len(ids) for ids in self.splits.values())
 
-    def sample(self, split: str, n: int, block_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, split: str, n: int, block_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """n random windows of block_size+1 characters: inputs and next-character targets."""
         ids = self.splits[split]
         starts = torch.randint(len(ids) - block_size, (n,), generator=generator, device=self.device)

@@ -24,6 +24,14 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 CHECKPOINT = "ckpt.pt"
 METRIC_BATCH = 500  # points per log_batch call; MLflow's own limit is 1000
 
+# Tags that place a run in the study; analysis filters on them (`tags.member = 'deep_large'`).
+MEMBER_TAG = "member"  # shallow_small, deep_small, ... (a file in sweeps/)
+PROFILE_TAG = "profile"  # full (the study's recipe) or quick (CPU-sized); never mixed in analysis
+GRID_POSITION_TAG = "grid_position"  # 1-based position in the member's grid, also the seed
+GLOBAL_ID_TAG = "global_id"  # the study's id across members (1-128)
+CONFIG_HASH_TAG = "config_hash"  # TrainConfig.config_hash: equal hashes train the same thing
+RUN_KIND_TAG = "run_kind"  # trial, sweep, analysis or imported
+
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached or holds something we refuse to touch."""

@@ -111,7 +111,10 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
 
 
 def train(
-    cfg: TrainConfig, batches: Batches, vocab_size: int, observer: RunObserver,
+    cfg: TrainConfig,
+    batches: Batches,
+    vocab_size: int,
+    observer: RunObserver,
     resume_from: dict[str, Any] | None = None,
 ) -> tuple[GPT, TrainOutcome]:
     """Train cfg from scratch, or from a checkpoint of the same config, to max_iters."""

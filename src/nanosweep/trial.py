@@ -16,10 +16,8 @@ from nanosweep import plots
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import SOURCE_URL, Batches, PreparedData, prepare
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
-from nanosweep.tracking import TrackedRun, TrackingError, ensure_experiment
+from nanosweep.tracking import CONFIG_HASH_TAG, TrackedRun, TrackingError, ensure_experiment
 from nanosweep.train import Hardware, build_model, resolve_hardware, train
-
-CONFIG_HASH_TAG = "config_hash"
 
 
 class Interrupted(BaseException):
@@ -93,10 +91,8 @@ def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardw
         }
     )
     batches = Batches(prepared, hardware.device)
-    run.log_dataset(
-        "tinyshakespeare", prepared.digest, SOURCE_URL,
-        {"train_tokens": len(batches.splits["train"]), "val_tokens": len(batches.splits["val"]), "vocab_size": vocab.size},
-    )
+    split_sizes = {f"{split}_tokens": len(ids) for split, ids in batches.splits.items()}
+    run.log_dataset("tinyshakespeare", prepared.digest, SOURCE_URL, {**split_sizes, "vocab_size": vocab.size})
     run.log_text(vocab.to_json(), "vocab.json")
     run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
 
@@ -107,8 +103,11 @@ def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardw
         step=outcome.iter_num,
     )
     sample_settings = SampleSettings(
-        num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k, seed=cfg.sample_seed,
+        num_samples=cfg.num_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        seed=cfg.sample_seed,
     )
     if cfg.num_samples:
         run.log_text(format_samples(generate_texts(model, vocab, sample_settings)), f"samples/{cfg.run_name}.txt")
@@ -116,8 +115,11 @@ def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardw
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "loss_curve.png"
         plots.loss_curve(
-            cfg.run_name, run.metric_history("iter_loss"), run.metric_history("train_loss"),
-            run.metric_history("val_loss"), png,
+            cfg.run_name,
+            run.metric_history("iter_loss"),
+            run.metric_history("train_loss"),
+            run.metric_history("val_loss"),
+            png,
         )
         run.log_file(png)
 
