@@ -10,7 +10,7 @@ fi
 if ! .venv/bin/python -c "import nanosweep, pytest, ruff" 2>/dev/null; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet "torch==2.13.0"
-  .venv/bin/pip install --quiet -e ".[dev,postgres]"
+  .venv/bin/pip install --quiet -e ".[dev,postgres,server]"
 fi
 export MLFLOW_DISABLE_TELEMETRY=true
 .venv/bin/ruff check src tests bench

@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -104,3 +105,55 @@ def train_command(
         click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): run ended KILLED", err=True)
         sys.exit(130)
     click.echo(f"{cfg.run_name}: run {run_id} FINISHED")
+
+
+@main.command("sweep")
+@click.option("--member", required=True, help="a member of sweeps/ (e.g. deep_large), or all")
+@click.option("--profile", default="full", show_default=True, help="full (the study's recipe) or quick (CPU-sized)")
+@click.option(
+    "--workers", type=int, default=0, show_default=True, help="trials at once; 0 = one per GPU slot, or 1 on CPU"
+)
+@click.option("--trials-per-gpu", type=int, default=1, show_default=True, help="pack this many small trials per GPU")
+@click.option(
+    "--sweeps-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder of member YAML files (default: ./sweeps, else the project's)",
+)
+@click.option("--dry-run", is_flag=True, help="show what would run, resume or be skipped, and stop")
+@input_option
+@tracking_uri_option
+@experiment_option
+@user_errors
+def sweep_command(
+    member: str,
+    profile: str,
+    workers: int,
+    trials_per_gpu: int,
+    sweeps_dir: Path | None,
+    dry_run: bool,
+    input_path: str | None,
+    tracking_uri: str | None,
+    experiment: str,
+) -> None:
+    """Run a member's grid (or all): one child run per grid point under one parent run."""
+    from nanosweep.grid import check_profile, default_sweeps_dir
+    from nanosweep.sweep import SweepOptions, run_sweep
+    from nanosweep.trial import Interrupted
+
+    check_profile(profile)
+    if workers < 0 or trials_per_gpu < 1:
+        raise click.ClickException(
+            f"workers={workers}, trials_per_gpu={trials_per_gpu} are not allowed: workers >= 0, trials_per_gpu >= 1"
+        )
+    connect(tracking_uri)
+    opts = SweepOptions(
+        member, profile, workers, trials_per_gpu, experiment, sweeps_dir or default_sweeps_dir(), input_path, dry_run
+    )
+    try:
+        sys.exit(run_sweep(opts))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        click.echo(
+            f"sweep interrupted ({exc.args[0] if exc.args else 'SIGINT'}): rerun the same command to resume", err=True
+        )
+        sys.exit(130)

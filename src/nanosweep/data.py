@@ -131,9 +131,13 @@ class PreparedData:
 def prepare(explicit: str | os.PathLike | None = None) -> PreparedData:
     """Write train/val uint16 ids and vocab.json under the data dir, unless already there."""
     prepared = PreparedData(data_dir() / "shakespeare_char", SHA256[:16])
-    if prepared.train_bin.is_file() and prepared.val_bin.is_file() and prepared.vocab_json.is_file():
+    done = prepared.train_bin.is_file() and prepared.val_bin.is_file() and prepared.vocab_json.is_file()
+    if done and not (explicit or os.environ.get("NANOSWEEP_INPUT")):
         return prepared
-    text = find_input(explicit).read_text(encoding="utf-8")
+    source = find_input(explicit)  # a named input is always checked, even when the ids exist
+    if done:
+        return prepared
+    text = source.read_text(encoding="utf-8")
     vocab = Vocab("".join(sorted(set(text))))
     ids = np.array(vocab.encode(text), dtype=np.uint16)
     split = int(len(ids) * TRAIN_FRACTION)

@@ -31,6 +31,8 @@ GRID_POSITION_TAG = "grid_position"  # 1-based position in the member's grid, al
 GLOBAL_ID_TAG = "global_id"  # the study's id across members (1-128)
 CONFIG_HASH_TAG = "config_hash"  # TrainConfig.config_hash: equal hashes train the same thing
 RUN_KIND_TAG = "run_kind"  # trial, sweep, analysis or imported
+HOST_TAG = "nanosweep.host"  # machine of the process training the run
+PID_TAG = "nanosweep.pid"  # its process id: a RUNNING run whose process is gone was killed
 
 
 class TrackingError(RuntimeError):
@@ -52,6 +54,15 @@ def connect(tracking_uri: str | None = None) -> str:
                 f"tracking server {uri} is unreachable ({exc.strerror or exc}): start it or point "
                 "--tracking-uri / MLFLOW_TRACKING_URI at a running one"
             ) from None
+        try:  # a server with basic auth refuses every request without credentials
+            MlflowClient(uri).search_experiments(max_results=1)
+        except MlflowException as exc:
+            if exc.get_http_status_code() not in (401, 403):
+                raise
+            raise TrackingError(
+                f"tracking server {uri} refused the request (HTTP {exc.get_http_status_code()}): "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
     return uri
 
 
@@ -69,6 +80,22 @@ def ensure_experiment(name: str) -> str:
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(f"experiment {name!r} is deleted: restore it in the MLflow UI or choose another name")
     return experiment.experiment_id
+
+
+def search_runs(experiment_ids: list[str], filter_string: str) -> list[Any]:
+    """Every run matching filter_string (MLflow search syntax), across all result pages."""
+    client = MlflowClient()
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def run_experiment_id(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.experiment_id
 
 
 class TrackedRun:
@@ -100,6 +127,10 @@ class TrackedRun:
 
     def info(self) -> Any:
         return self.client.get_run(self.run_id)
+
+    def mark_running(self) -> None:
+        """A resumed run is RUNNING again (it was KILLED, or left RUNNING by a killed process)."""
+        self.client.update_run(self.run_id, status="RUNNING")
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params not yet on the run (`mlflow run` logs its own first; a resumed run has them)."""

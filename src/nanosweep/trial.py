@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import tempfile
 from pathlib import Path
 from types import FrameType
@@ -16,7 +17,7 @@ from nanosweep import plots
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import SOURCE_URL, Batches, PreparedData, prepare
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
-from nanosweep.tracking import CONFIG_HASH_TAG, TrackedRun, TrackingError, ensure_experiment
+from nanosweep.tracking import CONFIG_HASH_TAG, HOST_TAG, PID_TAG, TrackedRun, TrackingError, ensure_experiment
 from nanosweep.train import Hardware, build_model, resolve_hardware, train
 
 
@@ -53,12 +54,16 @@ def run_trial(
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         run = TrackedRun(run_id)
-        recorded = run.info().data.tags.get(CONFIG_HASH_TAG)
+        info = run.info()
+        recorded = info.data.tags.get(CONFIG_HASH_TAG)
         if recorded not in (None, cfg.config_hash):
             raise TrackingError(
                 f"run {run_id} was trained with config hash {recorded}, not {cfg.run_name}'s {cfg.config_hash}: "
                 "start a new run instead of resuming this one"
             )
+        if info.info.status == "FINISHED":
+            raise TrackingError(f"run {run_id} is FINISHED: a finished run is never trained again; start a new run")
+        run.mark_running()
     else:
         run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags or {}, parent_run_id)
 
@@ -80,7 +85,15 @@ def run_trial(
 def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardware: Hardware) -> None:
     vocab = prepared.vocab()
     total_params = build_model(cfg, vocab.size).total_params()
-    run.set_tags({"mlflow.runName": cfg.run_name, CONFIG_HASH_TAG: cfg.config_hash})
+    # host and pid let a later sweep tell a live RUNNING run from one whose process was killed
+    run.set_tags(
+        {
+            "mlflow.runName": cfg.run_name,
+            CONFIG_HASH_TAG: cfg.config_hash,
+            HOST_TAG: socket.gethostname(),
+            PID_TAG: os.getpid(),
+        }
+    )
     run.log_params(
         {
             **cfg.to_dict(),

@@ -1,0 +1,226 @@
+"""The study's numbers from a table of runs: results CSVs, rankings, main effects, where overfitting sets in.
+
+Pure functions of the DataFrames that `query` builds, so every figure is reproducible from the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from dataclasses import dataclass
+
+import pandas as pd
+
+from nanosweep.query import CONFIG_FIELDS, member_order
+
+STUDY_HEADER = ["Experiment", "Train Loss", "Val Loss", "Loss Gap", "Total Params", "Config Path"]
+# the hyperparameters the study varies: block_size and n_layer between members, the rest within one
+HYPERPARAMETERS = ("block_size", "n_layer", "n_head", "n_embd", "batch_size", "max_iters", "dropout")
+ALL_SCOPE = "all"  # main effects over every member together
+OVERFIT_TOLERANCE = 0.01  # nats: a validation loss this far above its best is a rise, not evaluation noise
+COMBINED_COLUMNS = [
+    "global_id",
+    "member",
+    "grid_position",
+    "name",
+    "profile",
+    "run_kind",
+    *CONFIG_FIELDS,
+    "total_params",
+    "train_loss",
+    "val_loss",
+    "loss_gap",
+    "best_val_loss",
+    "run_id",
+    "config_uri",
+    "checkpoint_uri",
+]
+RANKED_COLUMNS = ["member", "name", "val_loss", "train_loss", "loss_gap", "best_val_loss", "total_params"]
+
+
+def study_folder(member: str) -> str:
+    """The study's folder name of a member's results."""
+    return f"nanoGPT_results_vijay_{member}"
+
+
+def results_csv(runs: pd.DataFrame) -> str:
+    """One member's results.csv exactly as the study wrote it (exact parameter counts), rows in grid order."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(STUDY_HEADER)
+    for row in runs.sort_values("grid_position", kind="stable").itertuples():
+        loss_gap = row.val_loss - row.train_loss
+        writer.writerow(
+            [
+                row.name,
+                f"{row.train_loss:.4f}",
+                f"{row.val_loss:.4f}",
+                f"{loss_gap:.4f}",
+                int(row.total_params),
+                row.config_uri,
+            ]
+        )
+    return out.getvalue()
+
+
+def combined_csv(runs: pd.DataFrame) -> str:
+    """Every run of every member with every hyperparameter as a column, in global id order."""
+    table = runs.sort_values("global_id", kind="stable")[COMBINED_COLUMNS]
+    return table.to_csv(index=False, lineterminator="\n", float_format="%.6g")
+
+
+def rankings(runs: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Runs ranked by `by` (val_loss or loss_gap, lower is better) overall and within their member."""
+    table = runs.sort_values("global_id", kind="stable")[RANKED_COLUMNS].copy()
+    table.insert(0, "rank", table[by].rank(method="min").astype(int))
+    table.insert(1, "rank_in_member", table.groupby("member")[by].rank(method="min").astype(int))
+    return table.sort_values(["rank", "member"], kind="stable").reset_index(drop=True)
+
+
+def best_per_member(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each member's run with the lowest validation loss (ties: the lower global id), in member order."""
+    ordered = runs.sort_values("global_id", kind="stable")
+    best = ordered.loc[ordered.groupby("member", sort=False)["val_loss"].idxmin()]
+    columns = ["member", "name", *HYPERPARAMETERS, "val_loss", "train_loss", "loss_gap", "total_params"]
+    return best[columns].reset_index(drop=True)
+
+
+def varied(runs: pd.DataFrame) -> list[str]:
+    """The hyperparameters that take more than one value in these runs."""
+    return [h for h in HYPERPARAMETERS if runs[h].nunique() > 1]
+
+
+def is_balanced(runs: pd.DataFrame, factor: str, others: list[str]) -> bool:
+    """True when every level of factor meets the same combinations of the other factors (a full grid does)."""
+    combos = [Counter(map(tuple, group[others].to_numpy().tolist())) for _, group in runs.groupby(factor)]
+    return all(c == combos[0] for c in combos)
+
+
+def main_effects(runs: pd.DataFrame, metric: str = "val_loss") -> pd.DataFrame:
+    """Mean and spread of metric at each level of each varied hyperparameter, per member and over all members.
+
+    `effect` is the range of the level means; with a balanced grid the other factors average out of it.
+    """
+    scopes = [(member, group) for member, group in runs.groupby("member", sort=False)]
+    if runs["member"].nunique() > 1:
+        scopes.append((ALL_SCOPE, runs))
+    rows = []
+    for scope, group in scopes:
+        factors = varied(group)
+        for factor in factors:
+            stats = group.groupby(factor)[metric].agg(["count", "mean", "std", "min", "max"])
+            balanced = is_balanced(group, factor, [f for f in factors if f != factor])
+            effect = stats["mean"].max() - stats["mean"].min()
+            for level, stat in stats.iterrows():
+                rows.append(
+                    {
+                        "scope": scope,
+                        "metric": metric,
+                        "factor": factor,
+                        "level": level,
+                        "runs": int(stat["count"]),
+                        "mean": stat["mean"],
+                        "std": stat["std"],
+                        "min": stat["min"],
+                        "max": stat["max"],
+                        "effect": effect,
+                        "balanced": balanced,
+                    }
+                )
+    columns = ["scope", "metric", "factor", "level", "runs", "mean", "std", "min", "max", "effect", "balanced"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def importance(effects: pd.DataFrame) -> pd.DataFrame:
+    """One row per scope and factor, largest effect first: which hyperparameters matter and their best level."""
+    rows = []
+    for (scope, factor), group in effects.groupby(["scope", "factor"], sort=False):
+        best = group.loc[group["mean"].idxmin()]
+        worst = group.loc[group["mean"].idxmax()]
+        rows.append(
+            {
+                "scope": scope,
+                "factor": factor,
+                "effect": best["effect"],
+                "best_level": best["level"],
+                "best_mean": best["mean"],
+                "worst_level": worst["level"],
+                "worst_mean": worst["mean"],
+                "balanced": best["balanced"],
+            }
+        )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    order = {scope: i for i, scope in enumerate(dict.fromkeys(effects["scope"]))}
+    table["_order"] = table["scope"].map(order)
+    return table.sort_values(["_order", "effect"], ascending=[True, False], kind="stable").drop(columns="_order")
+
+
+def overfitting(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """Per run, from its evaluations: where validation loss bottomed out and how far it rose after.
+
+    A run overfits when its final validation loss is above its best by more than OVERFIT_TOLERANCE;
+    `best_step` is then where overfitting set in (early stopping would have stopped there).
+    """
+    val = history[history["key"] == "val_loss"]
+    train = history[history["key"] == "train_loss"]
+    rows = []
+    for run in runs.itertuples():
+        points = val[val["run_id"] == run.run_id].sort_values("step")
+        if points.empty:
+            continue
+        best = points.loc[points["value"].idxmin()]
+        final = points.iloc[-1]
+        train_points = train[train["run_id"] == run.run_id].set_index("step")["value"]
+        gaps = points.set_index("step")["value"] - train_points
+        rise = final["value"] - best["value"]
+        rows.append(
+            {
+                "member": run.member,
+                "name": run.name,
+                "evaluations": len(points),
+                "best_step": int(best["step"]),
+                "best_val_loss": best["value"],
+                "final_step": int(final["step"]),
+                "final_val_loss": final["value"],
+                "rise_after_best": rise,
+                "overfits": bool(rise > OVERFIT_TOLERANCE),
+                "final_gap": gaps.dropna().iloc[-1] if gaps.notna().any() else float("nan"),
+                "max_gap": gaps.max(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Findings:
+    """Every number the report states, computed once from the runs and their evaluations."""
+
+    runs: pd.DataFrame
+    members: list[str]
+    best: pd.DataFrame
+    by_val_loss: pd.DataFrame
+    by_loss_gap: pd.DataFrame
+    effects: pd.DataFrame  # main effects on val_loss and on loss_gap, long format
+    importance_val: pd.DataFrame
+    importance_gap: pd.DataFrame
+    overfitting: pd.DataFrame
+
+
+def findings(runs: pd.DataFrame, history: pd.DataFrame) -> Findings:
+    """Rankings, main effects and overfitting of a selection of runs (one profile, one or more members)."""
+    effects_val = main_effects(runs, "val_loss")
+    effects_gap = main_effects(runs, "loss_gap")
+    return Findings(
+        runs=runs,
+        members=member_order(runs),
+        best=best_per_member(runs),
+        by_val_loss=rankings(runs, "val_loss"),
+        by_loss_gap=rankings(runs, "loss_gap"),
+        effects=pd.concat([effects_val, effects_gap], ignore_index=True),
+        importance_val=importance(effects_val),
+        importance_gap=importance(effects_gap),
+        overfitting=overfitting(runs, history),
+    )

@@ -1,0 +1,140 @@
+"""`nanosweep analyze` end to end: runs from the store -> CSVs, plots, report -> the output folder and an MLflow run.
+
+Everything is written into a staging folder first and moved into place only when all of it exists,
+so an interrupted analysis never leaves a half-written CSV or report behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from nanosweep import plots, report
+from nanosweep.analysis import Findings, combined_csv, findings, results_csv, study_folder
+from nanosweep.query import histories, select
+from nanosweep.tracking import MEMBER_TAG, PROFILE_TAG, RUN_KIND_TAG, TrackedRun, ensure_experiment
+
+REPORT_TITLE = "nanosweep study report"
+
+
+@dataclass(frozen=True)
+class Analysis:
+    findings: Findings
+    folder: Path  # out/analysis-{member}
+    files: list[Path]  # every file written, under out
+    run_id: str | None  # the analysis run, when logged
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A scratch folder inside out (same file system, so the final moves are renames), removed afterwards."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".analysis-", dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, out: Path) -> list[Path]:
+    """Move every staged file into out: a staged analysis-* folder replaces the old one whole (no stale plots)."""
+    moved = []
+    for entry in sorted(stage.iterdir()):
+        target = out / entry.name
+        if entry.name.startswith("analysis-"):
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=".old-", dir=out))
+                os.replace(target, old / entry.name)
+                os.replace(entry, target)
+                shutil.rmtree(old)
+            else:
+                os.replace(entry, target)
+            moved += sorted(p for p in target.rglob("*") if p.is_file())
+        else:  # a member's study folder: download may keep checkpoints and samples there
+            for source in sorted(p for p in entry.rglob("*") if p.is_file()):
+                dest = target / source.relative_to(entry)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, dest)
+                moved.append(dest)
+    return moved
+
+
+def write_plots(f: Findings, history: pd.DataFrame, folder: Path) -> None:
+    """Every figure of the report as PNG in folder."""
+    folder.mkdir(parents=True)
+    figures = {
+        "params_vs_val_loss": plots.params_vs_val_loss(f.runs, f.members),
+        "main_effects_val_loss": plots.main_effects(f.effects, f.members, "val_loss"),
+        "main_effects_loss_gap": plots.main_effects(f.effects, f.members, "loss_gap"),
+    }
+    if len(f.members) > 1:
+        figures["member_comparison"] = plots.member_comparison(f.runs, f.members)
+    for member in f.members:
+        runs = f.runs[f.runs["member"] == member]
+        figures[f"loss_curves_{member}"] = plots.loss_curves(member, runs, history)
+        figures[f"loss_gap_{member}"] = plots.loss_gaps(member, runs)
+    for name, fig in figures.items():
+        plots.save(fig, folder / f"{name}.png")
+
+
+def write_outputs(f: Findings, history: pd.DataFrame, stage: Path, label: str, source: str) -> None:
+    """The study CSVs per member and the analysis folder (tables, plots, report) under stage."""
+    for member in f.members:
+        folder = stage / study_folder(member)
+        folder.mkdir()
+        (folder / "results.csv").write_text(results_csv(f.runs[f.runs["member"] == member]), encoding="utf-8")
+    folder = stage / f"analysis-{label}"
+    folder.mkdir()
+    tables = {
+        "runs.csv": combined_csv(f.runs),
+        "ranking_val_loss.csv": f.by_val_loss.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
+        "ranking_loss_gap.csv": f.by_loss_gap.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
+        "best_per_member.csv": f.best.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
+        "main_effects.csv": f.effects.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
+        "overfitting.csv": f.overfitting.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
+    }
+    for name, text in tables.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    write_plots(f, history, folder / "plots")
+    blocks = report.build(f, f"{REPORT_TITLE}: {label}", source, [*tables, "plots/"])
+    (folder / "report.md").write_text(report.to_markdown(blocks), encoding="utf-8")
+    (folder / "report.html").write_text(report.to_html(blocks, folder, f"{REPORT_TITLE}: {label}"), encoding="utf-8")
+
+
+def log_analysis_run(stage: Path, experiment: str, label: str, f: Findings) -> str:
+    """The analysis as its own MLflow run (analysis-{member}), with every staged file as an artifact."""
+    profile = str(f.runs["profile"].iloc[0])
+    tags = {RUN_KIND_TAG: "analysis", MEMBER_TAG: label, PROFILE_TAG: profile}
+    run = TrackedRun.create(ensure_experiment(experiment), f"analysis-{label}", tags)
+    try:
+        run.log_params({"member": label, "profile": profile, "runs": len(f.runs), "members": ",".join(f.members)})
+        run.log_metrics({"best_val_loss": float(f.runs["val_loss"].min()), "runs": len(f.runs)}, step=0)
+        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+            parent = path.parent.relative_to(stage).as_posix()
+            run.log_file(path, None if parent == "." else parent)
+    except BaseException as exc:
+        run.finish("FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    run.finish("FINISHED")
+    return run.run_id
+
+
+def analyze(experiment: str, member: str, profile: str, out: Path, log_run: bool = True) -> Analysis:
+    """Analyse one member (or all) of one profile from the tracking store into out, and log it as a run."""
+    runs = select(experiment, member, profile)
+    history = histories(list(runs["run_id"]))
+    f = findings(runs, history)
+    source = f"experiment `{experiment}` of `{mlflow.get_tracking_uri()}`"
+    with staging(out) as stage:
+        write_outputs(f, history, stage, member, source)
+        run_id = log_analysis_run(stage, experiment, member, f) if log_run else None
+        files = publish(stage, out)
+    return Analysis(f, out / f"analysis-{member}", files, run_id)

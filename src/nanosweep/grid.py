@@ -1,0 +1,155 @@
+"""Member grids (YAML files in sweeps/), profiles, and their expansion into the study's ordered grid points."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nanosweep.config import ConfigError, TrainConfig
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+MEMBER_KEYS = {"member", "description", "global_id_offset", "fixed", "grid", "overrides"}
+
+
+class GridError(ConfigError):
+    """A member file, member name or profile is wrong; the message names the file, key or value."""
+
+
+def default_sweeps_dir() -> Path:
+    """NANOSWEEP_SWEEPS_DIR, else ./sweeps, else the sweeps/ folder of this checkout."""
+    if os.environ.get("NANOSWEEP_SWEEPS_DIR"):
+        return Path(os.environ["NANOSWEEP_SWEEPS_DIR"])
+    here = Path("sweeps")
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "sweeps"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member's share of the study: fixed architecture, the grid over the rest, recipe overrides."""
+
+    name: str
+    path: Path
+    global_id_offset: int
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]  # expansion order: the last key varies fastest
+    overrides: dict[str, Any]
+
+    @property
+    def size(self) -> int:
+        size = 1
+        for values in self.grid.values():
+            size *= len(values)
+        return size
+
+
+def load_member(path: Path) -> Member:
+    """Read and check one member file; every complaint names the file and the key."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: not valid YAML ({exc.problem if hasattr(exc, 'problem') else exc})") from None
+    if not isinstance(doc, dict):
+        raise GridError(f"{path}: expected a mapping with keys {', '.join(sorted(MEMBER_KEYS))}")
+    unknown = sorted(set(doc) - MEMBER_KEYS)
+    if unknown:
+        raise GridError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(MEMBER_KEYS))}")
+    offset = doc.get("global_id_offset", 0)
+    if not isinstance(offset, int) or offset < 0:
+        raise GridError(f"{path}: key 'global_id_offset' must be an integer >= 0, got {offset!r}")
+    sections = {}
+    for key in ("fixed", "grid", "overrides"):
+        section = doc.get(key) or {}
+        if not isinstance(section, dict):
+            raise GridError(f"{path}: key {key!r} must be a mapping of TrainConfig fields, got {section!r}")
+        for name in section:
+            if name not in CONFIG_FIELDS:
+                raise GridError(f"{path}: key '{key}.{name}' is not a TrainConfig field")
+        sections[key] = section
+    if not sections["grid"]:
+        raise GridError(f"{path}: key 'grid' is missing or empty")
+    for name, values in sections["grid"].items():
+        if not isinstance(values, list) or not values:
+            raise GridError(f"{path}: key 'grid.{name}' must be a non-empty list, got {values!r}")
+    if "seed" in sections["grid"] or "seed" in sections["fixed"] or "seed" in sections["overrides"]:
+        raise GridError(f"{path}: key 'seed' is not allowed: a run's seed is its 1-based grid position")
+    return Member(
+        str(doc.get("member") or path.stem), path, offset, sections["fixed"], sections["grid"], sections["overrides"]
+    )
+
+
+def load_members(sweeps_dir: Path, name: str) -> list[Member]:
+    """The member called name, or every member for 'all', in global id order."""
+    paths = sorted(sweeps_dir.glob("*.yaml")) + sorted(sweeps_dir.glob("*.yml"))
+    if not paths:
+        raise GridError(f"no member files (*.yaml) in {sweeps_dir}")
+    members = sorted((load_member(p) for p in paths), key=lambda m: (m.global_id_offset, m.name))
+    if name == "all":
+        return members
+    chosen = [m for m in members if m.name == name]
+    if not chosen:
+        valid = ", ".join(m.name for m in members)
+        raise GridError(f"member={name!r} is unknown: choose one of {valid} or all")
+    return chosen
+
+
+def _quick(cfg: TrainConfig) -> TrainConfig:
+    """The same architectures, batch sizes and dropouts, with iterations, evaluation and accumulation shrunk.
+
+    Iterations, warmup and decay shrink by the same factor, so a quick run sits at the same point of its
+    schedule as the study's (MI1000/MI2000 stay in warmup).
+    """
+    shrink = 20
+    return cfg.replace(
+        max_iters=max(1, cfg.max_iters // shrink),
+        warmup_iters=cfg.warmup_iters // shrink,
+        lr_decay_iters=cfg.lr_decay_iters // shrink,
+        eval_interval=max(1, cfg.eval_interval // 8),
+        eval_iters=max(1, cfg.eval_iters // 20),
+        gradient_accumulation_steps=1,
+        num_samples=min(cfg.num_samples, 2),
+        max_new_tokens=min(cfg.max_new_tokens, 200),
+    )
+
+
+PROFILES: dict[str, Callable[[TrainConfig], TrainConfig]] = {
+    "full": lambda cfg: cfg,  # the study's recipe unchanged: a GPU job
+    "quick": _quick,  # a member's grid in about 10 minutes on a 2-core CPU
+}
+
+
+def check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise GridError(f"profile={profile!r} is unknown: choose one of {', '.join(PROFILES)}")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    member: str
+    position: int  # 1-based position in the member's grid; also the seed
+    global_id: int
+    profile: str
+    config: TrainConfig
+
+
+def expand(member: Member, profile: str) -> list[GridPoint]:
+    """Every grid point in the study's order, validated, with the profile applied."""
+    check_profile(profile)
+    points = []
+    for index, values in enumerate(itertools.product(*member.grid.values())):
+        position = index + 1
+        chosen = dict(zip(member.grid, values))
+        try:
+            cfg = TrainConfig(**{**member.fixed, **chosen, **member.overrides, "seed": position})
+        except (ConfigError, TypeError) as exc:
+            raise GridError(f"{member.path}: grid point {position} {chosen}: {exc}") from None
+        points.append(
+            GridPoint(member.name, position, member.global_id_offset + position, profile, PROFILES[profile](cfg))
+        )
+    return points

@@ -1,0 +1,166 @@
+"""Finished study runs read back from any tracking store into pandas: one row per run, histories on request.
+
+Everything the analysis, download and register commands know about a study comes from here, so
+they see exactly what the tracking store holds and never a local folder it does not know about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from nanosweep.config import TrainConfig
+from nanosweep.tracking import (
+    CHECKPOINT,
+    GLOBAL_ID_TAG,
+    GRID_POSITION_TAG,
+    MEMBER_TAG,
+    PROFILE_TAG,
+    RUN_KIND_TAG,
+    TrackingError,
+    search_runs,
+)
+
+RESULT_KINDS = ("trial", "imported")  # runs that hold a trained configuration; sweeps and analyses do not
+ALL_MEMBERS = "all"
+AUTO_PROFILE = "auto"
+CURVE_METRICS = ("train_loss", "val_loss")  # the evaluations: what loss curves and overfitting need
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+HISTORY_THREADS = 8  # metric histories are one request per run and key; overlap them
+
+
+class SelectionError(TrackingError):
+    """The member, profile or run asked for is not in the tracking store; the message lists what is."""
+
+
+def _row(run: Any) -> dict[str, Any] | None:
+    """One run as a flat record, or None when it lacks the tags that place it in the study."""
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    if not all(key in tags for key in (MEMBER_TAG, PROFILE_TAG, GRID_POSITION_TAG, GLOBAL_ID_TAG)):
+        return None
+    name = run.info.run_name
+    artifacts = run.info.artifact_uri.rstrip("/")
+    row: dict[str, Any] = {
+        "name": name,
+        "member": tags[MEMBER_TAG],
+        "profile": tags[PROFILE_TAG],
+        "run_kind": tags.get(RUN_KIND_TAG, ""),
+        "grid_position": int(tags[GRID_POSITION_TAG]),
+        "global_id": int(tags[GLOBAL_ID_TAG]),
+    }
+    defaults = TrainConfig()
+    for field in CONFIG_FIELDS:
+        default = getattr(defaults, field)
+        row[field] = type(default)(params[field]) if field in params else default
+    row["total_params"] = int(float(params["total_params"])) if "total_params" in params else None
+    row["train_loss"] = metrics.get("train_loss", float("nan"))
+    row["val_loss"] = metrics.get("val_loss", float("nan"))
+    row["loss_gap"] = row["val_loss"] - row["train_loss"]
+    row["best_val_loss"] = metrics.get("best_val_loss", float("nan"))
+    row.update(
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        start_time=run.info.start_time,
+        artifact_uri=artifacts,
+        config_uri=f"{artifacts}/{name}.py",
+        checkpoint_uri=f"{artifacts}/{CHECKPOINT}",
+        samples_uri=f"{artifacts}/samples/{name}.txt",
+    )
+    return row
+
+
+def finished_runs(experiment_id: str) -> pd.DataFrame:
+    """Every FINISHED trial or imported run of the experiment, all members and profiles."""
+    runs = []
+    for kind in RESULT_KINDS:  # MLflow's search has no OR
+        runs += search_runs([experiment_id], f"attributes.status = 'FINISHED' and tags.{RUN_KIND_TAG} = '{kind}'")
+    rows = [row for row in map(_row, runs) if row is not None]
+    return pd.DataFrame(rows, columns=None if rows else ["name", "member", "profile", "grid_position", "global_id"])
+
+
+def _experiment_id(experiment: str) -> str:
+    found = MlflowClient().get_experiment_by_name(experiment)
+    if found is None:
+        raise SelectionError(
+            f"experiment {experiment!r} does not exist in {mlflow.get_tracking_uri()}: run a sweep into it first"
+        )
+    return found.experiment_id
+
+
+def resolve_profile(runs: pd.DataFrame, profile: str, where: str) -> str:
+    """The profile asked for, or for 'auto' the only one present: analysis never mixes profiles."""
+    present = sorted(runs["profile"].unique())
+    if not present:
+        raise SelectionError(f"{where} holds no finished trial or imported runs: run a sweep or import-results first")
+    if profile == AUTO_PROFILE:
+        if len(present) > 1:
+            raise SelectionError(f"{where} holds runs of profiles {', '.join(present)}: choose one with --profile")
+        return present[0]
+    if profile not in present:
+        raise SelectionError(f"profile={profile!r} has no finished runs in {where}: choose one of {', '.join(present)}")
+    return profile
+
+
+def member_order(runs: pd.DataFrame) -> list[str]:
+    """Members in the study's order (by their lowest global id)."""
+    return list(runs.groupby("member")["global_id"].min().sort_values(kind="stable").index)
+
+
+def select(experiment: str, member: str = ALL_MEMBERS, profile: str = AUTO_PROFILE) -> pd.DataFrame:
+    """The latest finished run per grid point of one member (or all) and one profile, in global id order."""
+    runs = finished_runs(_experiment_id(experiment))
+    where = f"experiment {experiment!r}"
+    profile = resolve_profile(runs, profile, where)
+    runs = runs[runs["profile"] == profile]
+    if member != ALL_MEMBERS:
+        if member not in set(runs["member"]):
+            valid = ", ".join(member_order(runs))
+            raise SelectionError(
+                f"member={member!r} has no finished {profile} runs in {where}: choose one of {valid} or {ALL_MEMBERS}"
+            )
+        runs = runs[runs["member"] == member]
+    # a grid point trained twice (a rerun, or an import beside a sweep): the latest run is the result
+    runs = runs.sort_values("start_time", kind="stable").drop_duplicates(["member", "grid_position"], keep="last")
+    return runs.sort_values(["global_id", "grid_position"], kind="stable").reset_index(drop=True)
+
+
+def find_run(experiment: str, name_or_id: str) -> tuple[str, str]:
+    """(run id, run name) of a run given by its id, or of the latest finished trial or imported run of that name."""
+    if RUN_ID.fullmatch(name_or_id):
+        try:
+            run = MlflowClient().get_run(name_or_id)
+            return run.info.run_id, run.info.run_name
+        except MlflowException:  # not an id after all: try it as a name
+            pass
+    runs = finished_runs(_experiment_id(experiment))
+    named = runs[runs["name"] == name_or_id] if len(runs) else runs
+    if not len(named):
+        raise SelectionError(
+            f"no finished run named {name_or_id!r} in experiment {experiment!r} (nor a run with that id): "
+            "give a run name such as b64_L4_H4_E128_BS8_MI1000_D10_s1 or a 32-character run id"
+        )
+    latest = named.sort_values("start_time", kind="stable").iloc[-1]
+    return latest["run_id"], latest["name"]
+
+
+def histories(run_ids: list[str], keys: tuple[str, ...] = CURVE_METRICS) -> pd.DataFrame:
+    """Metric histories as a long table (run_id, key, step, value), sorted; requests overlap in threads."""
+    client = MlflowClient()
+
+    def fetch(job: tuple[str, str]) -> list[tuple[str, str, int, float]]:
+        run_id, key = job
+        return [(run_id, key, m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+    jobs = [(run_id, key) for run_id in run_ids for key in keys]
+    with ThreadPoolExecutor(HISTORY_THREADS) as pool:
+        points = [point for chunk in pool.map(fetch, jobs) for point in chunk]
+    table = pd.DataFrame(points, columns=["run_id", "key", "step", "value"])
+    return table.sort_values(["run_id", "key", "step"], kind="stable").reset_index(drop=True)

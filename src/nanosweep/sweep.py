@@ -1,0 +1,311 @@
+"""The sweep driver: expand member grids, skip what is finished, resume what was cut off, run the rest.
+
+Each trial is its own process (`nanosweep train --run-id ...`) so a crash or out-of-memory fails that
+trial alone. Runs are created here, in the parent, before any trial starts: concurrent first writes
+to a new SQLite store corrupt it (MLFLOW-NOTES).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import torch
+
+from nanosweep.data import prepare
+from nanosweep.executors import Executor, LocalProcessPool, TrialExit, TrialLaunch, plan_slots
+from nanosweep.grid import GridPoint, expand, load_members
+from nanosweep.tracking import (
+    CONFIG_HASH_TAG,
+    GLOBAL_ID_TAG,
+    GRID_POSITION_TAG,
+    HOST_TAG,
+    MEMBER_TAG,
+    PID_TAG,
+    PROFILE_TAG,
+    RUN_KIND_TAG,
+    TrackedRun,
+    ensure_experiment,
+    run_experiment_id,
+    search_runs,
+)
+from nanosweep.trial import Interrupted, check_fits
+
+STOP_GRACE_SECONDS = 60.0  # a trial needs this long at most to flush its logging and end KILLED
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    member: str  # a member name or "all"
+    profile: str = "full"
+    workers: int = 0  # 0: every GPU slot, or one trial at a time on CPU
+    trials_per_gpu: int = 1
+    experiment: str = "nanosweep"
+    sweeps_dir: Path = Path("sweeps")
+    input_path: str | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class PlannedTrial:
+    point: GridPoint
+    action: str  # run, rerun (a FAILED run exists), resume (KILLED or stale RUNNING), skip (FINISHED), busy
+    run_id: str | None = None
+    note: str = ""
+    status: str = ""  # the run's status when the sweep ends
+    seconds: float = 0.0
+    val_loss: float | None = None
+
+    @property
+    def launches(self) -> bool:
+        return self.action in ("run", "rerun", "resume")
+
+
+@dataclass
+class Progress:
+    """One line per event: done, running, skipped, failed, and an ETA from this sweep's trial times."""
+
+    total: int
+    capacity: int
+    stream: TextIO
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    running: int = 0
+    durations: list[float] = field(default_factory=list)
+
+    def eta(self) -> str:
+        left = self.total - self.done - self.failed - self.skipped
+        if not self.durations or not left:
+            return "-"
+        seconds = sum(self.durations) / len(self.durations) * left / self.capacity
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+    def report(self, event: str) -> None:
+        finished = self.done + self.failed + self.skipped
+        self.stream.write(
+            f"[{finished}/{self.total}] done {self.done} | running {self.running} | skipped {self.skipped} | "
+            f"failed {self.failed} | ETA {self.eta()}  {event}\n"
+        )
+        self.stream.flush()
+
+
+def _process_alive(tags: dict[str, str]) -> bool:
+    """Is the process training this RUNNING run still there? Runs of other machines count as alive."""
+    if HOST_TAG not in tags or PID_TAG not in tags:
+        return False  # killed before it even said where it ran
+    if tags[HOST_TAG] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(tags[PID_TAG]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def plan(points: list[GridPoint], experiment_id: str) -> list[PlannedTrial]:
+    """Decide per grid point, from the runs already in the experiment with the same config hash and profile."""
+    existing: dict[tuple[str, str], list[Any]] = {}
+    for run in search_runs([experiment_id], f"tags.{RUN_KIND_TAG} = 'trial'"):
+        key = (run.data.tags.get(CONFIG_HASH_TAG, ""), run.data.tags.get(PROFILE_TAG, ""))
+        existing.setdefault(key, []).append(run)
+    plans = []
+    for point in points:
+        runs = sorted(existing.get((point.config.config_hash, point.profile), []), key=lambda r: -r.info.start_time)
+        by_status = {
+            status: [r for r in runs if r.info.status == status] for status in ("FINISHED", "RUNNING", "KILLED")
+        }
+        if by_status["FINISHED"]:
+            run = by_status["FINISHED"][0]
+            plans.append(
+                PlannedTrial(
+                    point, "skip", run.info.run_id, "finished", "FINISHED", 0.0, run.data.metrics.get("val_loss")
+                )
+            )
+            continue
+        live = [r for r in by_status["RUNNING"] if _process_alive(r.data.tags)]
+        if live:
+            where = f"{live[0].data.tags.get(HOST_TAG)} pid {live[0].data.tags.get(PID_TAG)}"
+            plans.append(PlannedTrial(point, "busy", live[0].info.run_id, f"running on {where}", "RUNNING"))
+            continue
+        cut_off = [r for r in runs if r.info.status in ("RUNNING", "KILLED")]
+        if cut_off:
+            iteration = cut_off[0].data.tags.get("nanosweep.checkpoint_iter", "0")
+            plans.append(PlannedTrial(point, "resume", cut_off[0].info.run_id, f"from iteration {iteration}"))
+        elif runs:
+            plans.append(
+                PlannedTrial(point, "rerun", None, f"previous run {runs[0].info.run_id} {runs[0].info.status}")
+            )
+        else:
+            plans.append(PlannedTrial(point, "run"))
+    return plans
+
+
+def trial_argv(run_id: str, point: GridPoint) -> list[str]:
+    """The trial's command: `nanosweep train` into its run, every config field spelled out."""
+    argv = [sys.executable, "-m", "nanosweep", "train", "--run-id", run_id]
+    for key, value in point.config.to_dict().items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def create_trial_run(experiment_id: str, point: GridPoint, parent_run_id: str) -> str:
+    """A child run of the sweep, tagged with its place in the study."""
+    tags = {
+        MEMBER_TAG: point.member,
+        PROFILE_TAG: point.profile,
+        GRID_POSITION_TAG: str(point.position),
+        GLOBAL_ID_TAG: str(point.global_id),
+        CONFIG_HASH_TAG: point.config.config_hash,
+        RUN_KIND_TAG: "trial",
+    }
+    run = TrackedRun.create(experiment_id, point.config.run_name, tags, parent_run_id)
+    run.log_params({"member": point.member, "profile": point.profile})
+    return run.run_id
+
+
+def format_table(plans: list[PlannedTrial], with_results: bool) -> str:
+    header = f"{'id':>4}  {'run':<40} {'action':<7} "
+    header += f"{'status':<9} {'val_loss':>8} {'time':>7}" if with_results else "note"
+    lines = [header, "-" * len(header)]
+    for p in plans:
+        line = f"{p.point.global_id:>4}  {p.point.config.run_name:<40} {p.action:<7} "
+        if with_results:
+            val = f"{p.val_loss:.4f}" if p.val_loss is not None else "-"
+            line += f"{p.status:<9} {val:>8} {p.seconds:>6.1f}s"
+        else:
+            line += p.note
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progress) -> None:
+    """Record a trial's end; a process that died without ending its run (OOM, SIGKILL) fails it here."""
+    planned = by_run[exit.launch.run_id]
+    run = TrackedRun(exit.launch.run_id)
+    info = run.info()
+    if info.info.status == "RUNNING":
+        lines = exit.launch.log_path.read_text(errors="replace").strip().splitlines()
+        run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
+        info = run.info()
+    run.log_file(exit.launch.log_path, "logs")
+    planned.status, planned.seconds = info.info.status, exit.seconds
+    planned.val_loss = info.data.metrics.get("val_loss")
+    progress.running -= 1
+    if planned.status == "FINISHED":
+        progress.done += 1
+        progress.durations.append(exit.seconds)
+    else:
+        progress.failed += 1
+    progress.report(f"{planned.point.config.run_name} {planned.status} in {exit.seconds:.1f}s")
+
+
+def _drive(
+    plans: list[PlannedTrial], executor: Executor, experiment_id: str, parent_id: str, progress: Progress, log_dir: Path
+) -> None:
+    queue = deque(p for p in plans if p.launches)
+    by_run: dict[str, PlannedTrial] = {}
+    while queue or executor.running():
+        while queue and len(executor.running()) < executor.capacity:
+            planned = queue.popleft()
+            if planned.run_id is None:
+                planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
+            by_run[planned.run_id] = planned
+            name = planned.point.config.run_name
+            executor.start(
+                TrialLaunch(planned.run_id, name, trial_argv(planned.run_id, planned.point), log_dir / f"{name}.log")
+            )
+            progress.running += 1
+            progress.report(f"{name} started ({planned.action}{', ' + planned.note if planned.note else ''})")
+        for exit in executor.wait(timeout=1.0):
+            _collect(exit, by_run, progress)
+
+
+def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
+    """Run the member grid(s) to the end; 0 when every point is finished, 1 when some failed."""
+    members = load_members(opts.sweeps_dir, opts.member)
+    points = [point for member in members for point in expand(member, opts.profile)]
+    prepared = prepare(opts.input_path)  # once, here, so trials never race to write it
+    for point in points:
+        check_fits(point.config, prepared)
+
+    attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
+    experiment_id = run_experiment_id(attached) if attached else ensure_experiment(opts.experiment)
+    plans = plan(points, experiment_id)
+    if opts.dry_run:
+        stream.write(format_table(plans, with_results=False) + "\n")
+        counts = {a: sum(p.action == a for p in plans) for a in ("run", "rerun", "resume", "skip", "busy")}
+        stream.write(", ".join(f"{n} {a}" for a, n in counts.items() if n) + "\n")
+        return 0
+
+    name = f"sweep-{opts.member}-{opts.profile}"
+    parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: "sweep"})
+    parent.set_tags({RUN_KIND_TAG: "sweep", "mlflow.runName": name, MEMBER_TAG: opts.member, PROFILE_TAG: opts.profile})
+    parent.log_params(
+        {
+            "member": opts.member,
+            "profile": opts.profile,
+            "workers": opts.workers,
+            "trials_per_gpu": opts.trials_per_gpu,
+            "grid_points": len(points),
+        }
+    )
+    gpus = list(range(torch.cuda.device_count()))
+    slots, threads = plan_slots(opts.workers, gpus, opts.trials_per_gpu, os.cpu_count() or 1)
+    executor = LocalProcessPool(slots, threads)
+    progress = Progress(len(plans), executor.capacity, stream)
+    progress.skipped = sum(not p.launches for p in plans)
+    where = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {threads} thread(s) per trial"
+    progress.report(f"{name}: {len(plans)} grid points, {executor.capacity} at a time on {where}")
+
+    log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    try:
+        _drive(plans, executor, experiment_id, parent.run_id, progress, log_dir)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        reason = exc.args[0] if exc.args else "SIGINT"
+        stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
+        executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
+        parent.finish("KILLED", f"interrupted by {reason}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+    summary = format_table(plans, with_results=True)
+    failed = [p for p in plans if p.launches and p.status != "FINISHED"]
+    stream.write(summary + "\n")
+    parent.log_text(summary + "\n", "summary.txt")
+    parent.log_metrics(
+        {
+            "trials_finished": progress.done,
+            "trials_skipped": progress.skipped,
+            "trials_failed": progress.failed,
+            "sweep_seconds": time.monotonic() - started,
+        },
+        step=0,
+    )
+    if failed:
+        names = ", ".join(p.point.config.run_name for p in failed)
+        stream.write(f"{name}: {len(failed)} trial(s) failed: {names}\n")
+        parent.finish("FAILED", f"failed trials: {names}")
+        return 1
+    parent.finish("FINISHED")
+    return 0

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real text (prepared once), a fresh SQLite MLflow store per test, tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from nanosweep.config import TrainConfig
+from nanosweep.data import PreparedData, prepare
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    """tiny Shakespeare from NANOSWEEP_INPUT (or the usual cache/download), prepared into a session folder."""
+    data_dir = tmp_path_factory.mktemp("data")
+    os.environ["NANOSWEEP_DATA_DIR"] = str(data_dir)  # inherited by CLI subprocesses too
+    return prepare()
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prepared: PreparedData) -> str:
+    """A brand-new SQLite tracking store in tmp_path, the working directory of the test."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def tiny_config(**changes: object) -> TrainConfig:
+    """A model that trains in about a second on a 2-core CPU, with the recipe's structure intact."""
+    base = dict(
+        block_size=32, n_layer=2, n_head=2, n_embd=32, batch_size=4, gradient_accumulation_steps=2,
+        max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, warmup_iters=10,
+        num_samples=2, max_new_tokens=40, seed=1,
+    )
+    base.update(changes)
+    return TrainConfig(**base)

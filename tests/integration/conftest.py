@@ -1,0 +1,164 @@
+"""Fixtures for tests against a real tracking server: PostgreSQL + `mlflow server` with basic auth.
+
+`scripts/tracking-stack.sh start` starts one; these variables point the tests at it:
+  NANOSWEEP_TEST_SERVER_URI       e.g. http://127.0.0.1:5000
+  NANOSWEEP_TEST_SERVER_USERNAME  an account of the server's basic auth (the admin)
+  NANOSWEEP_TEST_SERVER_PASSWORD
+Without them the `server` and `browser` tests skip; with NANOSWEEP_REQUIRE_SERVER=1 (CI) they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from nanosweep.data import PreparedData
+
+REPO = Path(__file__).resolve().parents[2]
+STACK_SCRIPT = REPO / "scripts" / "tracking-stack.sh"
+NANOSWEEP = [sys.executable, "-m", "nanosweep"]
+
+TINY_MEMBER = """\
+member: tiny
+global_id_offset: 0
+fixed: {block_size: 32, n_layer: 2}
+grid:            # expansion order: last key varies fastest
+  n_head: [2]
+  n_embd: [32]
+  batch_size: [4]
+  max_iters: %(max_iters)s
+  dropout: [0.0, 0.1]
+overrides: {eval_interval: %(eval_interval)d, eval_iters: 4, gradient_accumulation_steps: 1, log_interval: 5,
+            warmup_iters: 10, num_samples: 1, max_new_tokens: 20}
+"""
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip, unless this run must exercise the server (CI sets NANOSWEEP_REQUIRE_SERVER=1): then fail."""
+    if os.environ.get("NANOSWEEP_REQUIRE_SERVER") == "1":
+        pytest.fail(f"{reason}, and NANOSWEEP_REQUIRE_SERVER=1 forbids skipping")
+    pytest.skip(reason)
+
+
+def write_member(folder: Path, max_iters: list[int], eval_interval: int) -> Path:
+    """The tiny member file (two dropouts x the given max_iters) in folder, for --sweeps-dir."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny.yaml").write_text(TINY_MEMBER % {"max_iters": max_iters, "eval_interval": eval_interval})
+    return folder
+
+
+@dataclass
+class Server:
+    """The running tracking server, and nanosweep's CLI pointed at it."""
+
+    uri: str
+    username: str
+    password: str
+    workdir: Path
+    started_by_stack_script: bool = False
+    clients: dict[str, MlflowClient] = field(default_factory=dict)
+
+    def env(self, authenticated: bool = True) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.update(MLFLOW_TRACKING_URI=self.uri, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+        if authenticated:
+            env.update(MLFLOW_TRACKING_USERNAME=self.username, MLFLOW_TRACKING_PASSWORD=self.password)
+        return env
+
+    def popen(self, *args: str, authenticated: bool = True, **kwargs: Any) -> subprocess.Popen:
+        return subprocess.Popen(
+            [*NANOSWEEP, *args],
+            cwd=self.workdir,
+            env=self.env(authenticated),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **kwargs,
+        )
+
+    def cli(self, *args: str, authenticated: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run `nanosweep ARGS` against the server; stdout and stderr together in .stdout."""
+        return subprocess.run(
+            [*NANOSWEEP, *args],
+            cwd=self.workdir,
+            env=self.env(authenticated),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+
+    def client(self) -> MlflowClient:
+        # the credentials are read from the environment at each request
+        os.environ["MLFLOW_TRACKING_USERNAME"] = self.username
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = self.password
+        return MlflowClient(tracking_uri=self.uri)
+
+    def restart(self, seconds_down: float) -> None:
+        """Stop the MLflow server, leave it down a while, start it again (PostgreSQL stays up)."""
+        if not self.started_by_stack_script:
+            skip_or_fail(f"{self.uri} was not started by scripts/tracking-stack.sh, so this test cannot restart it")
+        subprocess.run(["bash", str(STACK_SCRIPT), "restart-server", str(seconds_down)], check=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def server(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    uri = os.environ.get("NANOSWEEP_TEST_SERVER_URI")
+    if not uri:
+        skip_or_fail("no tracking server: run `bash scripts/tracking-stack.sh start` and set NANOSWEEP_TEST_SERVER_URI")
+    username = os.environ.get("NANOSWEEP_TEST_SERVER_USERNAME", "")
+    password = os.environ.get("NANOSWEEP_TEST_SERVER_PASSWORD", "")
+    status = subprocess.run(["bash", str(STACK_SCRIPT), "status"], capture_output=True, text=True)
+    ours = f"on {uri}, healthy" in status.stdout
+    return Server(uri.rstrip("/"), username, password, tmp_path_factory.mktemp("server-cwd"), ours)
+
+
+@dataclass
+class Sweep:
+    """A finished sweep on the server: its experiment, parent run and children (in grid order)."""
+
+    experiment_name: str
+    experiment_id: str
+    parent: Any
+    children: list[Any]
+    output: str
+    seconds: float
+
+
+def unique_experiment(prefix: str) -> str:
+    """The server outlives a test session: every session works in experiments of its own."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def sweep_runs(client: MlflowClient, experiment_id: str) -> tuple[list[Any], list[Any]]:
+    """(parents, children in grid order) of an experiment."""
+    runs = client.search_runs([experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
+    return parents, sorted(children, key=lambda r: int(r.data.tags["grid_position"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """The tiny grid (4 points) swept once on the server with two workers; several tests read it."""
+    sweeps_dir = write_member(tmp_path_factory.mktemp("sweeps"), max_iters=[20, 40], eval_interval=10)
+    name = unique_experiment("it-sweep")
+    t0 = time.perf_counter()
+    done = server.cli("sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir), "--workers", "2",
+                      "--experiment", name)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    assert done.returncode == 0, done.stdout
+    client = server.client()
+    experiment = client.get_experiment_by_name(name)
+    parents, children = sweep_runs(client, experiment.experiment_id)
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    return Sweep(name, experiment.experiment_id, parents[0], children, done.stdout, seconds)

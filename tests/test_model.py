@@ -1,0 +1,61 @@
+"""nanoGPT's GPT: parameter counts, state-dict names, tying and init, as nanoGPT's tools expect them."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from nanosweep.model import GPT, GPTConfig
+
+VOCAB = 65
+STUDY_ARCHITECTURES = list(itertools.product([64, 128], [4, 6], [4, 8], [128, 256]))  # block, layers, heads, embd
+
+
+@pytest.mark.parametrize(("block", "layers", "heads", "embd"), STUDY_ARCHITECTURES)
+def test_total_params_match_nanogpt_formula_for_every_study_architecture(block, layers, heads, embd):
+    model = GPT(GPTConfig(block, VOCAB, layers, heads, embd))
+    assert model.total_params() == 12 * layers * embd**2 + (2 * layers + 1) * embd + VOCAB * embd
+
+
+@pytest.mark.parametrize(
+    ("layers", "embd", "expected"), [(4, 128, 795_904), (4, 256, 3_164_672), (6, 128, 1_189_632), (6, 256, 4_738_560)]
+)
+def test_total_params_match_reference_values(layers, embd, expected):
+    assert GPT(GPTConfig(128, VOCAB, layers, 4, embd)).total_params() == expected
+
+
+def test_state_dict_names_are_nanogpts():
+    model = GPT(GPTConfig(64, VOCAB, 2, 4, 32))
+    per_block = ["ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight", "mlp.c_fc.weight",
+                 "mlp.c_proj.weight"]
+    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"}
+    expected |= {f"transformer.h.{i}.{name}" for i in range(2) for name in per_block}
+    assert set(model.state_dict()) == expected
+
+
+def test_head_is_tied_to_token_embedding_and_has_no_bias():
+    model = GPT(GPTConfig(64, VOCAB, 2, 4, 32))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.bias is None
+    assert all(not name.endswith(".bias") for name in model.state_dict())
+
+
+def test_residual_projections_use_the_scaled_init():
+    torch.manual_seed(0)
+    layers = 6
+    model = GPT(GPTConfig(128, VOCAB, layers, 8, 256))
+    c_proj = torch.cat([b.mlp.c_proj.weight.flatten() for b in model.transformer.h])
+    c_fc = torch.cat([b.mlp.c_fc.weight.flatten() for b in model.transformer.h])
+    assert c_proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * layers), rel=0.02)
+    assert c_fc.std().item() == pytest.approx(0.02, rel=0.02)
+
+
+def test_forward_loss_at_init_is_near_uniform_and_generation_crops_context():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(16, VOCAB, 2, 2, 32))
+    idx, targets = torch.randint(VOCAB, (3, 16)), torch.randint(VOCAB, (3, 16))
+    _, loss = model(idx, targets)
+    assert loss.item() == pytest.approx(math.log(VOCAB), abs=0.2)
+    out = model.generate(idx[:, :4], max_new_tokens=30, temperature=0.8, top_k=10)  # runs past block_size 16
+    assert out.shape == (3, 34)

@@ -1,0 +1,156 @@
+"""A training run as MLflow holds it: params, metric steps, artifacts, inputs, and how it ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import tiny_config
+from mlflow import MlflowClient
+
+from nanosweep.checkpoint import load_checkpoint, save_checkpoint
+from nanosweep.cli import main
+from nanosweep.config import TrainConfig
+from nanosweep.data import SHA256
+from nanosweep.tracking import TrackedRun, ensure_experiment
+from nanosweep.trial import run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    return [arg for key, value in cfg.to_dict().items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_train_command_logs_params_metric_history_artifacts_and_dataset(store):
+    cfg = tiny_config()
+    result = CliRunner().invoke(main, ["train", *cli_args(cfg)])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("nanosweep").experiment_id])
+    name = "b32_L2_H2_E32_BS4_MI20_D10_s1"
+    assert run.info.run_name == name and run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert {k: params[k] for k in cfg.to_dict()} == {k: str(v) for k, v in cfg.to_dict().items()}
+    assert params["total_params"] == str(12 * 2 * 32**2 + 5 * 32 + 65 * 32)
+    assert params["tokens_per_iter"] == str(2 * 4 * 32)
+    assert (params["train_device"], params["train_dtype"]) == ("cpu", "float32")
+
+    def steps(key):
+        return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+    assert sorted(steps("val_loss")) == sorted(steps("train_loss")) == [0, 10, 20]
+    assert sorted(steps("iter_loss")) == sorted(steps("lr")) == sorted(steps("tokens_per_sec")) == [0, 5, 10, 15]
+    final = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
+    train_final = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train_loss")}
+    assert run.data.metrics["loss_gap"] == final[20] - train_final[20]
+    assert run.data.metrics["best_val_loss"] == min(final.values())
+
+    assert artifact_paths(client, run.info.run_id) == {
+        "ckpt.pt", "vocab.json", f"{name}.py", f"samples/{name}.txt", "loss_curve.png"
+    }
+    ckpt = load_checkpoint(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="ckpt.pt"))
+    assert ckpt["iter_num"] == 20 and ckpt["model_args"]["n_layer"] == 2
+    config_text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{name}.py")
+    assert "n_layer = 2" in config_text and "dataset = 'shakespeare_char'" in config_text
+    samples = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/samples/{name}.txt")
+    assert samples.count("---------------") == 2
+
+    [dataset_input] = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "tinyshakespeare" and dataset_input.dataset.digest == SHA256[:16]
+
+
+def test_sigterm_ends_the_run_killed_with_its_reason_and_checkpoint(store):
+    cfg = tiny_config(max_iters=100000, eval_interval=5)
+    proc = subprocess.Popen([sys.executable, "-m", "nanosweep", "train", *cli_args(cfg)], stderr=subprocess.PIPE)
+    client = MlflowClient()
+    deadline = time.monotonic() + 60
+    run = None
+    while time.monotonic() < deadline:  # wait until the first checkpoint is in the store
+        if os.path.exists("mlflow.db"):
+            experiment = client.get_experiment_by_name("nanosweep")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs and "nanosweep.checkpoint_iter" in runs[0].data.tags:
+                run = runs[0]
+                break
+        time.sleep(0.5)
+    assert run is not None, "no checkpoint within 60 s"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert b"run ended KILLED" in stderr
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["nanosweep.end_reason"] == "interrupted by SIGTERM"
+    assert "ckpt.pt" in artifact_paths(client, run.info.run_id)
+
+
+def test_a_run_that_fails_ends_failed_with_the_error(store, tmp_path):
+    # a run holding a checkpoint of another architecture cannot be resumed: training fails, loudly
+    experiment_id = ensure_experiment("nanosweep")
+    run = TrackedRun.create(experiment_id, "mismatched", {})
+    other = torch.nn.Linear(3, 3)
+    bogus = {"model": other.state_dict(), "optimizer": {}, "iter_num": 10, "best_val_loss": 9.0,
+             "rng": {}, "eval_losses": {}}
+    save_checkpoint(bogus, tmp_path / "ckpt.pt")
+    run.log_file(tmp_path / "ckpt.pt")
+    try:
+        run_trial(tiny_config(), "nanosweep", run_id=run.run_id)
+    except RuntimeError as exc:
+        assert "state_dict" in str(exc)
+    else:
+        raise AssertionError("training from a mismatched checkpoint should fail")
+    finished = MlflowClient().get_run(run.run_id)
+    assert finished.info.status == "FAILED"
+    assert finished.data.tags["nanosweep.end_reason"].startswith("RuntimeError: Error(s) in loading state_dict")
+
+
+def test_a_finished_run_is_never_trained_again(store):
+    run_id = run_trial(tiny_config(max_iters=10), "nanosweep")
+    result = CliRunner().invoke(main, ["train", *cli_args(tiny_config(max_iters=10)), "--run-id", run_id])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: run {run_id} is FINISHED: a finished run is never trained again; start a new run"
+    assert len(MlflowClient().get_metric_history(run_id, "val_loss")) == 2
+
+
+def test_mlproject_train_parameters_mirror_train_config():
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    params = project["entry_points"]["train"]["parameters"]
+    defaults = TrainConfig().to_dict()
+    assert list(params) == list(defaults)
+    # `mlflow run` logs these strings as params first: they must equal what nanosweep would log
+    assert {k: str(v["default"]) for k, v in params.items()} == {k: str(v) for k, v in defaults.items()}
+    command = project["entry_points"]["train"]["command"]
+    assert all(f"--{k.replace('_', '-')} {{{k}}}" in command for k in defaults)
+
+
+def test_mlflow_run_train_entry_point_trains_into_the_run_it_created(store):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    overrides = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "batch_size": 4, "max_iters": 10,
+                 "eval_interval": 5, "eval_iters": 2, "gradient_accumulation_steps": 1, "num_samples": 1,
+                 "max_new_tokens": 20}
+    args = [a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
+    subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local",
+         "--experiment-name", "projects", *args],
+        check=True, env=env, capture_output=True, timeout=300,
+    )
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("projects").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "b32_L2_H2_E32_BS4_MI10_D10_s1"
+    assert run.data.params["learning_rate"] == "0.0003" and run.data.params["total_params"] == "26816"
+    assert "ckpt.pt" in artifact_paths(client, run.info.run_id)
