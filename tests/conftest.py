@@ -37,9 +37,20 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prepared: PreparedDat
 def tiny_config(**changes: object) -> TrainConfig:
     """A model that trains in about a second on a 2-core CPU, with the recipe's structure intact."""
     base = dict(
-        block_size=32, n_layer=2, n_head=2, n_embd=32, batch_size=4, gradient_accumulation_steps=2,
-        max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, warmup_iters=10,
-        num_samples=2, max_new_tokens=40, seed=1,
+        block_size=32,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        max_iters=20,
+        eval_interval=10,
+        eval_iters=4,
+        log_interval=5,
+        warmup_iters=10,
+        num_samples=2,
+        max_new_tokens=40,
+        seed=1,
     )
     base.update(changes)
     return TrainConfig(**base)

@@ -21,7 +21,10 @@ def no_runs_created() -> bool:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--n-embd", "30", "--n-head", "4"], "n_embd=30 is not divisible by n_head=4: each head gets n_embd/n_head channels"),
+        (
+            ["--n-embd", "30", "--n-head", "4"],
+            "n_embd=30 is not divisible by n_head=4: each head gets n_embd/n_head channels",
+        ),
         (["--dropout", "1.0"], "dropout=1.0 is not allowed: it must be in [0, 1)"),
         (["--dropout", "-0.1"], "dropout=-0.1 is not allowed: it must be in [0, 1)"),
         (["--n-layer", "0"], "n_layer=0 is not allowed: it must be a positive integer"),
@@ -60,7 +63,8 @@ def test_a_file_that_is_not_tiny_shakespeare_is_refused(store, tmp_path, monkeyp
 def test_a_missing_input_file_is_named(store, tmp_path):
     result = CliRunner().invoke(main, ["prepare", "--input", str(tmp_path / "nope.txt")])
     assert result.exit_code == 1
-    assert result.output == f"Error: input '{tmp_path / 'nope.txt'}' does not exist: pass the tiny Shakespeare input.txt\n"
+    missing = tmp_path / "nope.txt"
+    assert result.output == f"Error: input '{missing}' does not exist: pass the tiny Shakespeare input.txt\n"
 
 
 def test_an_unreachable_tracking_server_fails_fast_naming_the_uri(store):
@@ -70,7 +74,7 @@ def test_an_unreachable_tracking_server_fails_fast_naming_the_uri(store):
     uri = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     result = CliRunner().invoke(main, ["train", *TINY, "--tracking-uri", uri])
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 20  # not MLflow's minutes of HTTP retries
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: tracking server {uri} is unreachable (")
     assert result.output.count("\n") == 1

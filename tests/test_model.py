@@ -27,8 +27,14 @@ def test_total_params_match_reference_values(layers, embd, expected):
 
 def test_state_dict_names_are_nanogpts():
     model = GPT(GPTConfig(64, VOCAB, 2, 4, 32))
-    per_block = ["ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight", "mlp.c_fc.weight",
-                 "mlp.c_proj.weight"]
+    per_block = [
+        "ln_1.weight",
+        "attn.c_attn.weight",
+        "attn.c_proj.weight",
+        "ln_2.weight",
+        "mlp.c_fc.weight",
+        "mlp.c_proj.weight",
+    ]
     expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"}
     expected |= {f"transformer.h.{i}.{name}" for i in range(2) for name in per_block}
     assert set(model.state_dict()) == expected

@@ -11,9 +11,9 @@ import mlflow
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import tiny_config
 from mlflow import MlflowClient
 
+from conftest import tiny_config
 from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 from nanosweep.cli import main
 from nanosweep.config import TrainConfig
@@ -61,7 +61,11 @@ def test_train_command_logs_params_metric_history_artifacts_and_dataset(store):
     assert run.data.metrics["best_val_loss"] == min(final.values())
 
     assert artifact_paths(client, run.info.run_id) == {
-        "ckpt.pt", "vocab.json", f"{name}.py", f"samples/{name}.txt", "loss_curve.png"
+        "ckpt.pt",
+        "vocab.json",
+        f"{name}.py",
+        f"samples/{name}.txt",
+        "loss_curve.png",
     }
     ckpt = load_checkpoint(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="ckpt.pt"))
     assert ckpt["iter_num"] == 20 and ckpt["model_args"]["n_layer"] == 2
@@ -104,8 +108,14 @@ def test_a_run_that_fails_ends_failed_with_the_error(store, tmp_path):
     experiment_id = ensure_experiment("nanosweep")
     run = TrackedRun.create(experiment_id, "mismatched", {})
     other = torch.nn.Linear(3, 3)
-    bogus = {"model": other.state_dict(), "optimizer": {}, "iter_num": 10, "best_val_loss": 9.0,
-             "rng": {}, "eval_losses": {}}
+    bogus = {
+        "model": other.state_dict(),
+        "optimizer": {},
+        "iter_num": 10,
+        "best_val_loss": 9.0,
+        "rng": {},
+        "eval_losses": {},
+    }
     save_checkpoint(bogus, tmp_path / "ckpt.pt")
     run.log_file(tmp_path / "ckpt.pt")
     try:
@@ -123,7 +133,8 @@ def test_a_finished_run_is_never_trained_again(store):
     run_id = run_trial(tiny_config(max_iters=10), "nanosweep")
     result = CliRunner().invoke(main, ["train", *cli_args(tiny_config(max_iters=10)), "--run-id", run_id])
     assert result.exit_code == 1
-    assert result.output.strip() == f"Error: run {run_id} is FINISHED: a finished run is never trained again; start a new run"
+    expected = f"Error: run {run_id} is FINISHED: a finished run is never trained again; start a new run"
+    assert result.output.strip() == expected
     assert len(MlflowClient().get_metric_history(run_id, "val_loss")) == 2
 
 
@@ -140,14 +151,37 @@ def test_mlproject_train_parameters_mirror_train_config():
 
 def test_mlflow_run_train_entry_point_trains_into_the_run_it_created(store):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    overrides = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32, "batch_size": 4, "max_iters": 10,
-                 "eval_interval": 5, "eval_iters": 2, "gradient_accumulation_steps": 1, "num_samples": 1,
-                 "max_new_tokens": 20}
+    overrides = {
+        "block_size": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 32,
+        "batch_size": 4,
+        "max_iters": 10,
+        "eval_interval": 5,
+        "eval_iters": 2,
+        "gradient_accumulation_steps": 1,
+        "num_samples": 1,
+        "max_new_tokens": 20,
+    }
     args = [a for k, v in overrides.items() for a in ("-P", f"{k}={v}")]
     subprocess.run(
-        [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "train", "--env-manager", "local",
-         "--experiment-name", "projects", *args],
-        check=True, env=env, capture_output=True, timeout=300,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "run",
+            str(REPO),
+            "-e",
+            "train",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "projects",
+            *args,
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
     )
     client = MlflowClient()
     [run] = client.search_runs([client.get_experiment_by_name("projects").experiment_id])

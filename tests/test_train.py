@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
@@ -83,8 +83,15 @@ def test_checkpoint_is_nanogpts_format_and_a_reloaded_model_generates_text(prepa
     save_checkpoint(rec.checkpoints[20], path)
     ckpt = load_checkpoint(path)  # weights_only=True
     assert {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"} <= set(ckpt)
-    assert ckpt["model_args"] == {"block_size": 32, "vocab_size": 65, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                                  "dropout": 0.1, "bias": False}
+    assert ckpt["model_args"] == {
+        "block_size": 32,
+        "vocab_size": 65,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 32,
+        "dropout": 0.1,
+        "bias": False,
+    }
     assert ckpt["config"]["dataset"] == "shakespeare_char" and ckpt["iter_num"] == 20
     assert len(ckpt["optimizer"]["param_groups"]) == 2
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values())

@@ -71,11 +71,15 @@ def combined_csv(runs: pd.DataFrame) -> str:
 
 
 def rankings(runs: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Runs ranked by `by` (val_loss or loss_gap, lower is better) overall and within their member."""
+    """Runs ranked by `by` (val_loss or loss_gap, lower is better) overall and within their member.
+
+    Values equal to a millionth of a nat share a rank (float noise is no difference); ties list in global id order.
+    """
     table = runs.sort_values("global_id", kind="stable")[RANKED_COLUMNS].copy()
-    table.insert(0, "rank", table[by].rank(method="min").astype(int))
-    table.insert(1, "rank_in_member", table.groupby("member")[by].rank(method="min").astype(int))
-    return table.sort_values(["rank", "member"], kind="stable").reset_index(drop=True)
+    key = table[by].round(6)
+    table.insert(0, "rank", key.rank(method="min").astype(int))
+    table.insert(1, "rank_in_member", key.groupby(table["member"]).rank(method="min").astype(int))
+    return table.sort_values("rank", kind="stable").reset_index(drop=True)
 
 
 def best_per_member(runs: pd.DataFrame) -> pd.DataFrame:

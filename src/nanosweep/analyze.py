@@ -138,3 +138,24 @@ def analyze(experiment: str, member: str, profile: str, out: Path, log_run: bool
         run_id = log_analysis_run(stage, experiment, member, f) if log_run else None
         files = publish(stage, out)
     return Analysis(f, out / f"analysis-{member}", files, run_id)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def summary(f: Findings, top: int = 10) -> str:
+    """The findings as terminal tables: best per member, top runs by validation loss and by gap, effects."""
+    scope = f.importance_val["scope"].iloc[-1] if len(f.importance_val) else None
+    effects = f.importance_val[f.importance_val["scope"] == scope].drop(columns="scope")
+    ranked = ["rank", "rank_in_member", "member", "name", "val_loss", "train_loss", "loss_gap"]
+    sections = [
+        (
+            "Best run per member (lowest validation loss)",
+            f.best[["member", "name", "val_loss", "train_loss", "loss_gap", "total_params"]],
+        ),
+        (f"Top {top} by validation loss", f.by_val_loss[ranked].head(top)),
+        (f"Top {top} by loss gap (smallest gap = best generalization)", f.by_loss_gap[ranked].head(top)),
+        (f"Hyperparameter effects on validation loss ({scope}: range of level means)", effects),
+    ]
+    return "\n\n".join(f"{title}\n{_table(frame)}" for title, frame in sections) + "\n"

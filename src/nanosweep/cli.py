@@ -14,9 +14,10 @@ import click
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import DataError, prepare
+from nanosweep.importer import StudyFormatError
 from nanosweep.tracking import DEFAULT_EXPERIMENT, TrackingError, connect
 
-USER_ERRORS = (ConfigError, DataError, TrackingError)
+USER_ERRORS = (ConfigError, DataError, TrackingError, StudyFormatError)
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -157,3 +158,150 @@ def sweep_command(
             f"sweep interrupted ({exc.args[0] if exc.args else 'SIGINT'}): rerun the same command to resume", err=True
         )
         sys.exit(130)
+
+
+# --- analysis, artifacts, import and serving: everything read back from the tracking store ---
+
+member_option = click.option(
+    "--member", default="all", show_default=True, help="a member with finished runs in the store, or all"
+)
+profile_option = click.option(
+    "--profile", default="auto", show_default=True, help="full or quick; auto: the only profile in the store"
+)
+out_option = click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("results"),
+    show_default=True,
+    help="folder for the study layout (nanoGPT_results_vijay_<member>/) and analysis-<member>/",
+)
+
+
+@main.command("analyze")
+@member_option
+@profile_option
+@out_option
+@click.option("--log-run/--no-log-run", default=True, show_default=True, help="log the analysis as an MLflow run")
+@tracking_uri_option
+@experiment_option
+@user_errors
+def analyze_command(
+    member: str, profile: str, out: Path, log_run: bool, tracking_uri: str | None, experiment: str
+) -> None:
+    """Results CSVs, rankings, main effects, plots and a report from the finished runs in the store."""
+    from nanosweep.analyze import analyze, summary
+
+    connect(tracking_uri)
+    result = analyze(experiment, member, profile, out, log_run)
+    click.echo(summary(result.findings))
+    click.echo(f"wrote {len(result.files)} files; report: {result.folder / 'report.html'}")
+    if result.run_id:
+        click.echo(f"logged as run analysis-{member} ({result.run_id})")
+
+
+@main.command("download")
+@member_option
+@profile_option
+@out_option
+@tracking_uri_option
+@experiment_option
+@user_errors
+def download_command(member: str, profile: str, out: Path, tracking_uri: str | None, experiment: str) -> None:
+    """Checkpoints, samples and results.csv of a member's runs into the study's folder layout."""
+    from nanosweep.artifacts import download
+    from nanosweep.query import select
+
+    connect(tracking_uri)
+    runs = select(experiment, member, profile)
+
+    def progress(todo: list) -> Any:
+        return click.progressbar(
+            todo, label=f"downloading {len(todo)} files", item_show_func=lambda t: t.dest.name if t else None
+        )
+
+    fetched, skipped = download(runs, out, progress)
+    click.echo(f"{len(runs)} runs: {fetched} files downloaded, {skipped} already present (same size), into {out}")
+
+
+@main.command("sample")
+@click.option("--name", "name_or_id", required=True, help="run name (the latest finished run of that name) or run id")
+@click.option("--prompt", default="\n", show_default=True, help="start text; FILE:path reads it from a file")
+@click.option("--num-samples", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=1337, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@tracking_uri_option
+@experiment_option
+@user_errors
+def sample_command(
+    name_or_id: str, prompt: str, device: str, tracking_uri: str | None, experiment: str, **settings: Any
+) -> None:
+    """Generate text from any run's checkpoint, downloaded through MLflow (nanoGPT's sampling defaults)."""
+    from nanosweep.artifacts import load_run_model
+    from nanosweep.query import find_run
+    from nanosweep.sampling import SampleSettings, format_samples, generate_texts
+
+    if prompt.startswith("FILE:"):
+        prompt = Path(prompt[5:]).read_text(encoding="utf-8")
+    connect(tracking_uri)
+    run_id, name = find_run(experiment, name_or_id)
+    model, vocab = load_run_model(run_id, device)
+    click.echo(f"# {name} (run {run_id})", err=True)
+    click.echo(format_samples(generate_texts(model, vocab, SampleSettings(prompt=prompt, **settings))), nl=False)
+
+
+@main.command("import-results")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--member", default=None, help="member (default: from the folder name nanoGPT_results_vijay_<member>)")
+@click.option(
+    "--sweeps-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="member files (default: NANOSWEEP_SWEEPS_DIR, ./sweeps, or the checkout's sweeps/)",
+)
+@input_option
+@tracking_uri_option
+@experiment_option
+@user_errors
+def import_results_command(
+    folder: Path,
+    member: str | None,
+    sweeps_dir: Path | None,
+    input_path: str | None,
+    tracking_uri: str | None,
+    experiment: str,
+) -> None:
+    """An existing study folder (results.csv, run folders with ckpt.pt, samples/) as MLflow runs."""
+    from nanosweep.grid import default_sweeps_dir
+    from nanosweep.importer import import_study
+
+    vocab = prepare(input_path).vocab()
+    connect(tracking_uri)
+    result = import_study(folder, member, experiment, vocab, sweeps_dir or default_sweeps_dir())
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(
+        f"imported {len(result.runs)} runs into experiment {experiment!r}"
+        + (f"; {len(result.skipped)} were already imported" if result.skipped else "")
+    )
+
+
+@main.command("register")
+@click.option("--member", required=True, help="a member with finished runs in the store, or all (the overall best)")
+@profile_option
+@click.option("--model-name", default=None, help="registered model name (default: nanosweep-<member>)")
+@tracking_uri_option
+@experiment_option
+@user_errors
+def register_command(
+    member: str, profile: str, model_name: str | None, tracking_uri: str | None, experiment: str
+) -> None:
+    """Register the member's best run (lowest validation loss) as a servable text-generation model."""
+    from nanosweep.registry import register_best
+
+    connect(tracking_uri)
+    registered = register_best(experiment, member, profile, model_name)
+    click.echo(f"registered {registered.uri} from {registered.run_name} (val loss {registered.val_loss:.4f})")
+    click.echo(f"serve it: mlflow models serve -m {registered.uri} --env-manager local -p 5001")

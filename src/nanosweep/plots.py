@@ -68,7 +68,7 @@ def loss_curves(member: str, runs: pd.DataFrame, history: pd.DataFrame) -> Figur
     archs = list(dict.fromkeys(zip(runs.block_size, runs.n_layer, runs.n_head, runs.n_embd)))
     ncols = min(2, len(archs))
     nrows = math.ceil(len(archs) / ncols)
-    fig = Figure(figsize=(6.5 * ncols + 3.2, 4.2 * nrows + 0.8))
+    fig = Figure(figsize=(6.5 * ncols + 2.9, 4.2 * nrows + 0.8))
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).ravel()
     labels = list(dict.fromkeys(_run_label(run) for run in runs.itertuples()))
     palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
@@ -76,7 +76,8 @@ def loss_curves(member: str, runs: pd.DataFrame, history: pd.DataFrame) -> Figur
     for ax, arch in zip(axes, archs):
         chosen = runs[(runs.block_size == arch[0]) & (runs.n_layer == arch[1])]
         chosen = chosen[(chosen.n_head == arch[2]) & (chosen.n_embd == arch[3])]
-        for run in chosen.itertuples():
+        # longer runs first: a shorter run retraces the start of its longer twin and must stay visible on top
+        for run in chosen.sort_values("max_iters", ascending=False, kind="stable").itertuples():
             points = history[history.run_id == run.run_id]
             label = _run_label(run)
             for key, style in (("train_loss", "--"), ("val_loss", "-")):
@@ -96,7 +97,7 @@ def loss_curves(member: str, runs: pd.DataFrame, history: pd.DataFrame) -> Figur
     ]
     fig.legend(handles=handles, loc="center right", fontsize=9, frameon=False)
     fig.suptitle(f"{member}: train and validation loss at each evaluation")
-    fig.tight_layout(rect=(0, 0, 1 - 3.2 / fig.get_figwidth(), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 2.9 / fig.get_figwidth(), 1))
     return fig
 
 
@@ -170,8 +171,10 @@ def main_effects(effects: pd.DataFrame, members: list[str], metric: str) -> Figu
     factors = list(dict.fromkeys(effects.factor))
     scopes = list(dict.fromkeys(effects.scope))
     colors = {**member_colors(members), "all": "black"}
-    fig = Figure(figsize=(2.9 * len(factors) + 2.4, 4.4))
-    axes = fig.subplots(1, len(factors), sharey=True, squeeze=False).ravel()
+    ncols = min(4, len(factors))
+    nrows = math.ceil(len(factors) / ncols)
+    fig = Figure(figsize=(3.2 * ncols + 2.0, 3.6 * nrows + 0.7))
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     for ax, factor in zip(axes, factors):
         rows = effects[effects.factor == factor]
         levels = sorted(rows.level.unique())
@@ -195,16 +198,19 @@ def main_effects(effects: pd.DataFrame, members: list[str], metric: str) -> Figu
         ax.set_xlim(-0.5, len(levels) - 0.5)
         ax.set_xlabel(factor)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"mean {METRIC_LABELS[metric]}\n({LOSS_UNITS}) ± 1 std")
+    for ax in axes[len(factors) :]:
+        ax.set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel(f"mean {METRIC_LABELS[metric]}\n({LOSS_UNITS}) ± 1 std")
     handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:  # a factor may miss from some scopes: collect every label once
+    for ax in axes[1 : len(factors)]:  # a factor may miss from some scopes: collect every label once
         for handle, label in zip(*ax.get_legend_handles_labels()):
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
     fig.legend(handles, labels, loc="center right", frameon=False)
     fig.suptitle(f"Main effects on {METRIC_LABELS[metric]}: mean over the runs at each level")
-    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     return fig
 
 
@@ -243,8 +249,9 @@ def member_comparison(runs: pd.DataFrame, members: list[str]) -> Figure:
                 label="best run (lowest validation loss)",
             )
         ],
-        loc="upper right",
-        frameon=True,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        frameon=False,
     )
     axes[0].set_title("Members compared: every run's final validation loss (top) and loss gap (bottom)")
     fig.tight_layout()

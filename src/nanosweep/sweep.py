@@ -208,12 +208,14 @@ def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progres
     planned.status, planned.seconds = info.info.status, exit.seconds
     planned.val_loss = info.data.metrics.get("val_loss")
     progress.running -= 1
+    event = f"{planned.point.config.run_name} {planned.status} in {exit.seconds:.1f}s"
     if planned.status == "FINISHED":
         progress.done += 1
         progress.durations.append(exit.seconds)
     else:
         progress.failed += 1
-    progress.report(f"{planned.point.config.run_name} {planned.status} in {exit.seconds:.1f}s")
+        event += f": {info.data.tags.get('nanosweep.end_reason', 'no reason recorded')}"
+    progress.report(event)
 
 
 def _drive(

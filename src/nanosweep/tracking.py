@@ -16,6 +16,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
 
 from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 
@@ -119,7 +120,9 @@ class TrackedRun:
     def create(
         cls, experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None
     ) -> TrackedRun:
-        tags = dict(tags)
+        # mlflow.user and git commit, as mlflow.start_run adds them (the UI's "Created by" and "Source");
+        # the source is nanosweep, not the __main__.py of `python -m nanosweep`
+        tags = resolve_tags({"mlflow.source.name": "nanosweep", **tags})
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id  # nests the run under its sweep in the UI
         run = MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags)
@@ -166,8 +169,13 @@ class TrackedRun:
         path = folder / CHECKPOINT
         save_checkpoint(checkpoint, path)
 
+        # metrics up to this iteration reach the store before the checkpoint does: a resume never leaves a gap
+        logged_before, self._pending = self._pending, []
+
         def upload() -> None:
             try:
+                for operation in logged_before:
+                    operation.wait()
                 self.client.log_artifact(self.run_id, str(path))
                 self.set_tags({"nanosweep.checkpoint_iter": checkpoint["iter_num"]})
             except BaseException as exc:  # re-raised in the training thread by wait_for_upload

@@ -13,47 +13,19 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from server_checks import skip_or_fail, sweep_runs, unique_experiment, write_member
 
 from nanosweep.data import PreparedData
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_SCRIPT = REPO / "scripts" / "tracking-stack.sh"
 NANOSWEEP = [sys.executable, "-m", "nanosweep"]
-
-TINY_MEMBER = """\
-member: tiny
-global_id_offset: 0
-fixed: {block_size: 32, n_layer: 2}
-grid:            # expansion order: last key varies fastest
-  n_head: [2]
-  n_embd: [32]
-  batch_size: [4]
-  max_iters: %(max_iters)s
-  dropout: [0.0, 0.1]
-overrides: {eval_interval: %(eval_interval)d, eval_iters: 4, gradient_accumulation_steps: 1, log_interval: 5,
-            warmup_iters: 10, num_samples: 1, max_new_tokens: 20}
-"""
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip, unless this run must exercise the server (CI sets NANOSWEEP_REQUIRE_SERVER=1): then fail."""
-    if os.environ.get("NANOSWEEP_REQUIRE_SERVER") == "1":
-        pytest.fail(f"{reason}, and NANOSWEEP_REQUIRE_SERVER=1 forbids skipping")
-    pytest.skip(reason)
-
-
-def write_member(folder: Path, max_iters: list[int], eval_interval: int) -> Path:
-    """The tiny member file (two dropouts x the given max_iters) in folder, for --sweeps-dir."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tiny.yaml").write_text(TINY_MEMBER % {"max_iters": max_iters, "eval_interval": eval_interval})
-    return folder
 
 
 @dataclass
@@ -128,23 +100,11 @@ class Sweep:
 
     experiment_name: str
     experiment_id: str
+    sweeps_dir: Path
     parent: Any
     children: list[Any]
     output: str
     seconds: float
-
-
-def unique_experiment(prefix: str) -> str:
-    """The server outlives a test session: every session works in experiments of its own."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-def sweep_runs(client: MlflowClient, experiment_id: str) -> tuple[list[Any], list[Any]]:
-    """(parents, children in grid order) of an experiment."""
-    runs = client.search_runs([experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
-    return parents, sorted(children, key=lambda r: int(r.data.tags["grid_position"]))
 
 
 @pytest.fixture(scope="session")
@@ -153,12 +113,13 @@ def tiny_sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Swee
     sweeps_dir = write_member(tmp_path_factory.mktemp("sweeps"), max_iters=[20, 40], eval_interval=10)
     name = unique_experiment("it-sweep")
     t0 = time.perf_counter()
-    done = server.cli("sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir), "--workers", "2",
-                      "--experiment", name)  # fmt: skip
+    done = server.cli(
+        "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir), "--workers", "2", "--experiment", name
+    )
     seconds = time.perf_counter() - t0
     assert done.returncode == 0, done.stdout
     client = server.client()
     experiment = client.get_experiment_by_name(name)
     parents, children = sweep_runs(client, experiment.experiment_id)
     assert len(parents) == 1, [p.info.run_name for p in parents]
-    return Sweep(name, experiment.experiment_id, parents[0], children, done.stdout, seconds)
+    return Sweep(name, experiment.experiment_id, sweeps_dir, parents[0], children, done.stdout, seconds)

@@ -1,0 +1,102 @@
+"""Serving the winner: a run's checkpoint as an MLflow pyfunc text generator, registered in the Model Registry.
+
+`mlflow models serve -m models:/<name>/<version> --env-manager local` then answers
+`{"inputs": ["ROMEO:"], "params": {"max_new_tokens": 100}}` with one generated string per prompt.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy
+import pandas as pd
+import torch
+from mlflow.entities import LoggedModelOutput
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+import nanosweep
+from nanosweep.artifacts import VOCAB, model_files
+from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from nanosweep.data import Vocab
+from nanosweep.query import ALL_MEMBERS, select
+from nanosweep.sampling import SampleSettings, generate_texts
+from nanosweep.tracking import CHECKPOINT
+
+MODEL_NAME = "model"  # the logged model's name within its run
+# sampling settings a request may override, with nanoGPT's defaults (one sample per prompt)
+DEFAULT_PARAMS = {f.name: f.default for f in fields(SampleSettings) if f.name not in ("prompt", "num_samples")}
+
+
+class TextGenerator(PythonModel):
+    """nanoGPT's sampler as a pyfunc: prompts in, prompt + generated continuation out, settings as params."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        checkpoint = load_checkpoint(context.artifacts["checkpoint"])
+        self.model = model_from_checkpoint(checkpoint)
+        self.vocab = Vocab.from_json(Path(context.artifacts["vocab"]).read_text(encoding="utf-8"))
+
+    def predict(
+        self, context: PythonModelContext, model_input: list[str], params: dict[str, Any] | None = None
+    ) -> list[str]:
+        chosen = {**DEFAULT_PARAMS, **(params or {})}
+        settings = {name: type(DEFAULT_PARAMS[name])(chosen[name]) for name in DEFAULT_PARAMS}
+        return [
+            generate_texts(self.model, self.vocab, SampleSettings(prompt=prompt, num_samples=1, **settings))[0]
+            for prompt in model_input
+        ]
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    run_id: str
+    run_name: str
+    val_loss: float
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def best_run(experiment: str, member: str, profile: str) -> pd.Series:
+    """The run with the lowest final validation loss among the member's (or all members') runs."""
+    runs = select(experiment, member, profile)
+    return runs.loc[runs["val_loss"].idxmin()]
+
+
+def register_best(experiment: str, member: str, profile: str, model_name: str | None = None) -> Registered:
+    """Log the best run's checkpoint as a pyfunc model linked to that run and register it as a new version."""
+    best = best_run(experiment, member, profile)
+    name = model_name or f"nanosweep-{member if member != ALL_MEMBERS else 'best'}"
+    with tempfile.TemporaryDirectory(prefix="nanosweep-register-") as tmp:
+        local = model_files(best["run_id"], tmp)
+        # serving needs the weights only: drop the optimizer state (two thirds of ckpt.pt)
+        full = load_checkpoint(local[CHECKPOINT])
+        weights = Path(tmp) / "weights.pt"
+        save_checkpoint({"model": full["model"], "model_args": full["model_args"]}, weights)
+        logged = mlflow.initialize_logged_model(
+            name=MODEL_NAME, source_run_id=best["run_id"], experiment_id=best["experiment_id"]
+        )
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=Path(__file__).with_name("textgen.py"),  # code, not a pickle, is stored
+            artifacts={"checkpoint": str(weights), "vocab": local[VOCAB]},
+            # the type hints give the input and output schema; the example adds the params with their defaults
+            # (logging runs it twice: once to infer the signature, once as a serving request)
+            input_example=(["ROMEO:"], DEFAULT_PARAMS),
+            code_paths=[str(Path(nanosweep.__file__).parent)],
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"numpy=={numpy.__version__}",
+            ],
+            registered_model_name=name,
+            model_id=logged.model_id,
+        )
+    mlflow.MlflowClient().log_outputs(best["run_id"], [LoggedModelOutput(logged.model_id, step=0)])
+    return Registered(name, str(info.registered_model_version), best["run_id"], best["name"], float(best["val_loss"]))

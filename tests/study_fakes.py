@@ -1,0 +1,58 @@
+"""Study runs for the analysis, artifact, import and registry tests: known values logged directly, or tiny training."""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+
+from conftest import tiny_config
+from nanosweep.config import TrainConfig
+from nanosweep.tracking import TrackedRun
+from nanosweep.trial import run_trial
+
+Evals = dict[int, tuple[float, float]]  # step -> (train loss, val loss)
+
+
+def study_tags(member: str, position: int, global_id: int, profile: str = "quick", kind: str = "trial") -> dict:
+    return {
+        "member": member,
+        "profile": profile,
+        "grid_position": str(position),
+        "global_id": str(global_id),
+        "run_kind": kind,
+    }
+
+
+def log_known_run(
+    experiment_id: str,
+    member: str,
+    position: int,
+    global_id: int,
+    cfg: TrainConfig,
+    evals: Evals,
+    total_params: int = 12345,
+    profile: str = "quick",
+    kind: str = "trial",
+    status: str = "FINISHED",
+) -> str:
+    """A run with the contract's tags, params, evaluation metrics and config artifact; values from the test."""
+    run = TrackedRun.create(experiment_id, cfg.run_name, study_tags(member, position, global_id, profile, kind))
+    run.log_params({**cfg.to_dict(), "total_params": total_params, "member": member, "profile": profile})
+    for step, (train, val) in sorted(evals.items()):
+        run.log_metrics({"train_loss": train, "val_loss": val}, step=step)
+    last = max(evals)
+    train, val = evals[last]
+    run.log_metrics({"loss_gap": val - train, "best_val_loss": min(v for _, v in evals.values())}, step=last)
+    run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
+    run.finish(status)
+    return run.run_id
+
+
+def train_study_run(experiment: str, experiment_id: str, member: str, position: int, **changes: object) -> str:
+    """A tiny real training run (checkpoint, vocab, samples) tagged as grid point `position` of member."""
+    cfg = tiny_config(seed=position, **changes)
+    run = TrackedRun.create(experiment_id, cfg.run_name, study_tags(member, position, position))
+    return run_trial(cfg, experiment, run_id=run.run_id)
+
+
+def artifact_uri(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.artifact_uri

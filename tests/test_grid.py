@@ -1,0 +1,116 @@
+"""Member grids: the study's expansion order, seeds, ids and names; profiles; malformed files."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from nanosweep.grid import GridError, expand, load_member, load_members
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+MEMBERS = {  # block_size, n_layer, global id offset
+    "shallow_small": (64, 4, 0),
+    "deep_small": (64, 6, 32),
+    "shallow_large": (128, 4, 64),
+    "deep_large": (128, 6, 96),
+}
+
+
+@pytest.mark.parametrize("member", MEMBERS)
+def test_expansion_order_seeds_ids_and_names_match_the_study(member):
+    block, layers, offset = MEMBERS[member]
+    [spec] = load_members(SWEEPS, member)
+    points = expand(spec, "full")
+    # REFERENCE: n_head, n_embd, batch_size, max_iters, dropout, the last varying fastest
+    grid = itertools.product([4, 8], [128, 256], [8, 16], [1000, 2000], [0.1, 0.2])
+    expected = [
+        f"b{block}_L{layers}_H{h}_E{e}_BS{bs}_MI{mi}_D{round(d * 100)}_s{i + 1}"
+        for i, (h, e, bs, mi, d) in enumerate(grid)
+    ]
+    assert [p.config.run_name for p in points] == expected
+    assert [p.position for p in points] == [p.config.seed for p in points] == list(range(1, 33))
+    assert [p.global_id for p in points] == list(range(offset + 1, offset + 33))
+    cfg = points[0].config
+    recipe = (cfg.learning_rate, cfg.warmup_iters, cfg.gradient_accumulation_steps, cfg.eval_interval)
+    assert recipe == (3e-4, 2000, 40, 200)
+
+
+def test_reference_names():
+    [shallow_small] = load_members(SWEEPS, "shallow_small")
+    names = [p.config.run_name for p in expand(shallow_small, "full")]
+    assert names[:2] == ["b64_L4_H4_E128_BS8_MI1000_D10_s1", "b64_L4_H4_E128_BS8_MI1000_D20_s2"]
+    [deep_large] = load_members(SWEEPS, "deep_large")
+    assert expand(deep_large, "full")[-1].config.run_name == "b128_L6_H8_E256_BS16_MI2000_D20_s32"
+
+
+def test_all_means_every_member_in_global_id_order():
+    members = load_members(SWEEPS, "all")
+    assert [m.name for m in members] == list(MEMBERS)
+    ids = [p.global_id for m in members for p in expand(m, "full")]
+    assert ids == list(range(1, 129))
+
+
+def test_quick_profile_keeps_the_grid_and_names_the_iterations_it_trains():
+    [spec] = load_members(SWEEPS, "shallow_small")
+    full, quick = expand(spec, "full"), expand(spec, "quick")
+    for f, q in zip(full, quick, strict=True):
+        assert (q.config.n_head, q.config.n_embd, q.config.batch_size, q.config.dropout, q.config.seed) == (
+            f.config.n_head,
+            f.config.n_embd,
+            f.config.batch_size,
+            f.config.dropout,
+            f.config.seed,
+        )
+        assert q.config.max_iters == f.config.max_iters // 20
+        assert f"_MI{q.config.max_iters}_" in q.config.run_name
+        assert q.config.config_hash != f.config.config_hash
+    assert quick[0].config.run_name == "b64_L4_H4_E128_BS8_MI50_D10_s1"
+    # the quick run sits where the study's did in its schedule: still in warmup at the end
+    assert quick[-1].config.max_iters <= quick[-1].config.warmup_iters
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("grid: {n_head: [4]}\nsurprise: 1\n", "unknown key 'surprise'"),
+        ("grid: {n_head: 4}\n", "key 'grid.n_head' must be a non-empty list, got 4"),
+        ("grid: {n_heads: [4]}\n", "key 'grid.n_heads' is not a TrainConfig field"),
+        ("fixed: {block_size: 64}\n", "key 'grid' is missing or empty"),
+        ("grid: {n_head: [4]\n", "not valid YAML"),
+        ("global_id_offset: -1\ngrid: {n_head: [4]}\n", "key 'global_id_offset' must be an integer >= 0, got -1"),
+        ("grid: {n_head: [4], seed: [1, 2]}\n", "key 'seed' is not allowed"),
+    ],
+)
+def test_malformed_member_files_name_the_file_and_the_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(GridError) as error:
+        load_member(path)
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+
+
+def test_a_grid_point_that_fails_validation_is_named_before_anything_runs(tmp_path):
+    path = write(tmp_path, "fixed: {n_layer: 2}\ngrid: {n_head: [4, 3], n_embd: [64]}\n")
+    with pytest.raises(GridError) as error:
+        expand(load_member(path), "full")
+    assert str(error.value) == (
+        f"{path}: grid point 2 {{'n_head': 3, 'n_embd': 64}}: n_embd=64 is not divisible by n_head=3: "
+        "each head gets n_embd/n_head channels"
+    )
+
+
+def test_unknown_member_and_profile_list_the_valid_ones(tmp_path):
+    with pytest.raises(
+        GridError,
+        match=r"member='nope' is unknown: choose one of shallow_small, deep_small, "
+        r"shallow_large, deep_large or all",
+    ):
+        load_members(SWEEPS, "nope")
+    [spec] = load_members(SWEEPS, "deep_large")
+    with pytest.raises(GridError, match=r"profile='slow' is unknown: choose one of full, quick"):
+        expand(spec, "slow")
