@@ -1,5 +1,6 @@
 """A training run as MLflow holds it: params, metric steps, artifacts, inputs, and how it ends."""
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -188,3 +189,29 @@ def test_mlflow_run_train_entry_point_trains_into_the_run_it_created(store):
     assert run.info.status == "FINISHED" and run.info.run_name == "b32_L2_H2_E32_BS4_MI10_D10_s1"
     assert run.data.params["learning_rate"] == "0.0003" and run.data.params["total_params"] == "26816"
     assert "ckpt.pt" in artifact_paths(client, run.info.run_id)
+
+
+def _log_dataset_at_once(uri: str, experiment_id: str, barrier, results) -> None:
+    mlflow.set_tracking_uri(uri)
+    run = TrackedRun.create(experiment_id, "racer", {})
+    barrier.wait()  # every trial logs the dataset at the same moment, as sweep workers starting together do
+    try:
+        run.log_dataset("tinyshakespeare", SHA256[:16], "https://example.org/input.txt", {})
+        results.put("ok")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_trials_starting_together_on_a_new_experiment_all_log_the_dataset(store):
+    # MLflow looks a dataset up, then inserts it: simultaneous first inserts collide on its unique key
+    experiment_id = ensure_experiment("race")
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(6), context.Queue()
+    racers = [
+        context.Process(target=_log_dataset_at_once, args=(store, experiment_id, barrier, results)) for _ in range(6)
+    ]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=120)
+    assert [results.get(timeout=5) for _ in racers] == ["ok"] * 6

@@ -202,7 +202,14 @@ class TrackedRun:
 
     def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any]) -> None:
         dataset = Dataset(name, digest, "http", json.dumps({"url": source}), profile=json.dumps(profile))
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+        try:
+            self.client.log_inputs(self.run_id, inputs)
+        except MlflowException:
+            # MLflow looks the dataset up, then inserts it: two trials starting together on a new experiment
+            # can both insert, and the loser hits the unique key. The second attempt finds the winner's row.
+            time.sleep(0.5)
+            self.client.log_inputs(self.run_id, inputs)
 
     def download_checkpoint(self) -> dict[str, Any] | None:
         """The run's last ckpt.pt, or None when it has none (or an unreadable one: start over)."""
