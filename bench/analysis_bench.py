@@ -4,8 +4,8 @@ The runs are fabricated (losses follow a plausible curve, nothing is trained) bu
 trial logs them: the study's grid, names and tags, every TrainConfig param, iter_loss/lr/tokens_per_sec
 every 10 iterations and train/val loss every 200, up to 1000 or 2000 iterations.
 
-    .venv/bin/python bench/analysis_bench.py            # fabricate into bench/out/, then time the CLI
-    .venv/bin/python bench/analysis_bench.py --repeat 3
+    .venv/bin/python bench/analysis_bench.py           # fabricate the store under bench/out/analysis/, time it
+    .venv/bin/python bench/analysis_bench.py --reuse   # time again on the store already there
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-from nanosweep.config import TrainConfig  # noqa: E402
-from nanosweep.grid import GridPoint, default_sweeps_dir, expand, load_members  # noqa: E402
-from nanosweep.tracking import (  # noqa: E402
+from nanosweep.analysis import findings
+from nanosweep.analyze import log_analysis_run, staging, write_outputs
+from nanosweep.config import TrainConfig
+from nanosweep.grid import GridPoint, default_sweeps_dir, expand, load_members
+from nanosweep.query import histories, select
+from nanosweep.tracking import (
     CONFIG_HASH_TAG,
     GLOBAL_ID_TAG,
     GRID_POSITION_TAG,
@@ -37,7 +39,7 @@ from nanosweep.tracking import (  # noqa: E402
     connect,
     ensure_experiment,
 )
-from nanosweep.train import build_model  # noqa: E402
+from nanosweep.train import build_model
 
 VOCAB = 65
 EXPERIMENT = "nanosweep"
@@ -48,19 +50,13 @@ def total_params(cfg: TrainConfig) -> int:
         return build_model(cfg, VOCAB).total_params()
 
 
-def curves(cfg: TrainConfig, rng: np.random.Generator) -> tuple[float, float]:
-    """A plausible final (train, val): bigger and longer-trained models learn more, and overfit more."""
-    size = math.log(total_params(cfg) / 8e5)
-    rate = 1 / (900 * (8 / cfg.batch_size) ** 0.3)
-    floor = 1.55 - 0.08 * size - 0.03 * (cfg.block_size / 64 - 1)
-    return floor, rate
-
-
 def fabricate(point: GridPoint, experiment_id: str, parent: str) -> None:
+    """One grid point's run, logged as a trial logs it; bigger models learn faster and overfit more."""
     cfg = point.config
     rng = np.random.default_rng(point.global_id)
-    floor, rate = curves(cfg, rng)
     params = total_params(cfg)
+    floor = 1.55 - 0.08 * math.log(params / 8e5) - 0.03 * (cfg.block_size / 64 - 1)
+    rate = 1 / (900 * (8 / cfg.batch_size) ** 0.3)
     gap_scale = 0.02 + 0.05 * (cfg.n_embd / 256) * (0.1 / cfg.dropout) * (cfg.n_layer / 4)
     tags = {
         MEMBER_TAG: point.member,
@@ -96,6 +92,7 @@ def build_store(root: Path) -> str:
     """A fresh SQLite store with the full study (4 members x 32 runs) fabricated into it."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    os.chdir(root)  # the experiment's artifact root (./mlruns) is fixed where it is created
     uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     connect(uri)
@@ -108,12 +105,44 @@ def build_store(root: Path) -> str:
     return uri
 
 
+def phases(uri: str, root: Path) -> None:
+    """The same analysis in this process, timed step by step."""
+    connect(uri)
+    clock = time.perf_counter()
+
+    def lap(label: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        print(f"  {label:<56} {now - clock:6.2f} s")
+        clock = now
+
+    runs = select(EXPERIMENT)
+    lap(f"read {len(runs)} runs (search, paginated)")
+    history = histories(list(runs["run_id"]))
+    lap(f"read {len(history)} evaluation points (train/val histories)")
+    found = findings(runs, history)
+    lap("rankings, main effects, overfitting")
+    with staging(root / "phases") as stage:
+        write_outputs(found, history, stage, "all", uri)
+        lap("CSVs, 12 PNG plots, report (md + html)")
+        log_analysis_run(stage, EXPERIMENT, "all", found)
+        lap("log the analysis run with its artifacts")
+    every = histories(list(runs["run_id"]), ("iter_loss", "lr", "tokens_per_sec", "train_loss", "val_loss"))
+    lap(f"(not needed by analyze) read all {len(every)} history points")
+
+
+def metric_points(store: Path) -> int:
+    with sqlite3.connect(store / "mlflow.db") as db:
+        return db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent / "out" / "analysis")
     parser.add_argument("--repeat", type=int, default=3, help="timed analyses (the store is built once)")
     parser.add_argument("--reuse", action="store_true", help="analyse the store already under --root")
     args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     store = args.root / "store"
     if args.reuse:
         uri = f"sqlite:///{store / 'mlflow.db'}"
@@ -134,6 +163,8 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         print(f"analyze --member all, run {i + 1}: {time.perf_counter() - start:.1f} s (process start to exit)")
+    print(f"the store holds {metric_points(store)} metric points; one analysis in process:")
+    phases(uri, args.root)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from conftest import tiny_config
@@ -10,6 +16,21 @@ from nanosweep.tracking import TrackedRun
 from nanosweep.trial import run_trial
 
 Evals = dict[int, tuple[float, float]]  # step -> (train loss, val loss)
+
+
+@contextlib.contextmanager
+def shared_store(root: Path) -> Iterator[str]:
+    """Like conftest's `store`, for a module-scoped fixture: a SQLite store in root, the working directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
 
 
 def study_tags(member: str, position: int, global_id: int, profile: str = "quick", kind: str = "trial") -> dict:

@@ -64,10 +64,14 @@ def results_csv(runs: pd.DataFrame) -> str:
     return out.getvalue()
 
 
+def table_csv(frame: pd.DataFrame) -> str:
+    """A table as CSV, formatted the same way every time (rebuilds compare byte for byte)."""
+    return frame.to_csv(index=False, lineterminator="\n", float_format="%.6g")
+
+
 def combined_csv(runs: pd.DataFrame) -> str:
     """Every run of every member with every hyperparameter as a column, in global id order."""
-    table = runs.sort_values("global_id", kind="stable")[COMBINED_COLUMNS]
-    return table.to_csv(index=False, lineterminator="\n", float_format="%.6g")
+    return table_csv(runs.sort_values("global_id", kind="stable")[COMBINED_COLUMNS])
 
 
 def rankings(runs: pd.DataFrame, by: str) -> pd.DataFrame:

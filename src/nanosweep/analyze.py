@@ -16,17 +16,27 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow import MlflowClient
 
 from nanosweep import plots, report
-from nanosweep.analysis import Findings, combined_csv, findings, results_csv, study_folder
+from nanosweep.analysis import Findings, combined_csv, findings, results_csv, study_folder, table_csv
 from nanosweep.query import histories, select
-from nanosweep.tracking import MEMBER_TAG, PROFILE_TAG, RUN_KIND_TAG, TrackedRun, ensure_experiment
+from nanosweep.tracking import (
+    MEMBER_TAG,
+    PROFILE_TAG,
+    RUN_KIND_TAG,
+    TrackedRun,
+    ensure_experiment,
+    run_experiment_id,
+)
 
 REPORT_TITLE = "nanosweep study report"
 
 
 @dataclass(frozen=True)
 class Analysis:
+    """What one analysis computed and wrote, and the run it logged."""
+
     findings: Findings
     folder: Path  # out/analysis-{member}
     files: list[Path]  # every file written, under out
@@ -95,11 +105,11 @@ def write_outputs(f: Findings, history: pd.DataFrame, stage: Path, label: str, s
     folder.mkdir()
     tables = {
         "runs.csv": combined_csv(f.runs),
-        "ranking_val_loss.csv": f.by_val_loss.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
-        "ranking_loss_gap.csv": f.by_loss_gap.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
-        "best_per_member.csv": f.best.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
-        "main_effects.csv": f.effects.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
-        "overfitting.csv": f.overfitting.to_csv(index=False, lineterminator="\n", float_format="%.6g"),
+        "ranking_val_loss.csv": table_csv(f.by_val_loss),
+        "ranking_loss_gap.csv": table_csv(f.by_loss_gap),
+        "best_per_member.csv": table_csv(f.best),
+        "main_effects.csv": table_csv(f.effects),
+        "overfitting.csv": table_csv(f.overfitting),
     }
     for name, text in tables.items():
         (folder / name).write_text(text, encoding="utf-8")
@@ -109,11 +119,15 @@ def write_outputs(f: Findings, history: pd.DataFrame, stage: Path, label: str, s
     (folder / "report.html").write_text(report.to_html(blocks, folder, f"{REPORT_TITLE}: {label}"), encoding="utf-8")
 
 
-def log_analysis_run(stage: Path, experiment: str, label: str, f: Findings) -> str:
-    """The analysis as its own MLflow run (analysis-{member}), with every staged file as an artifact."""
+def log_analysis_run(stage: Path, experiment: str, label: str, f: Findings, run_id: str | None = None) -> str:
+    """The analysis as MLflow run analysis-{member} (or into run_id, made by `mlflow run`), files as artifacts."""
     profile = str(f.runs["profile"].iloc[0])
     tags = {RUN_KIND_TAG: "analysis", MEMBER_TAG: label, PROFILE_TAG: profile}
-    run = TrackedRun.create(ensure_experiment(experiment), f"analysis-{label}", tags)
+    if run_id:
+        run = TrackedRun(run_id)
+        run.set_tags({"mlflow.runName": f"analysis-{label}", **tags})
+    else:
+        run = TrackedRun.create(ensure_experiment(experiment), f"analysis-{label}", tags)
     try:
         run.log_params({"member": label, "profile": profile, "runs": len(f.runs), "members": ",".join(f.members)})
         run.log_metrics({"best_val_loss": float(f.runs["val_loss"].min()), "runs": len(f.runs)}, step=0)
@@ -129,19 +143,23 @@ def log_analysis_run(stage: Path, experiment: str, label: str, f: Findings) -> s
 
 def analyze(experiment: str, member: str, profile: str, out: Path, log_run: bool = True) -> Analysis:
     """Analyse one member (or all) of one profile from the tracking store into out, and log it as a run."""
+    attached = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run . -e analyze`: its run and experiment
+    if attached and log_run:
+        experiment = MlflowClient().get_experiment(run_experiment_id(attached)).name
     runs = select(experiment, member, profile)
     history = histories(list(runs["run_id"]))
     f = findings(runs, history)
     source = f"experiment `{experiment}` of `{mlflow.get_tracking_uri()}`"
     with staging(out) as stage:
         write_outputs(f, history, stage, member, source)
-        run_id = log_analysis_run(stage, experiment, member, f) if log_run else None
+        run_id = log_analysis_run(stage, experiment, member, f, attached) if log_run else None
         files = publish(stage, out)
     return Analysis(f, out / f"analysis-{member}", files, run_id)
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    levels = {c: frame[c].map(report.level) for c in frame.columns if str(c).endswith("level")}
+    return frame.assign(**levels).to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
 def summary(f: Findings, top: int = 10) -> str:

@@ -19,10 +19,12 @@ from mlflow import MlflowClient
 
 from nanosweep.analysis import results_csv, study_folder
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
+from nanosweep.config import TrainConfig
 from nanosweep.data import Vocab
 from nanosweep.model import GPT
 from nanosweep.query import SelectionError
 from nanosweep.tracking import CHECKPOINT
+from nanosweep.train import resolve_hardware
 
 VOCAB = "vocab.json"
 SAMPLES = "samples"
@@ -109,8 +111,9 @@ def model_files(run_id: str, dst: str) -> dict[str, str]:
     }
 
 
-def load_run_model(run_id: str, device: str = "cpu") -> tuple[GPT, Vocab]:
+def load_run_model(run_id: str, device: str = "auto") -> tuple[GPT, Vocab]:
     """A run's model and vocabulary, downloaded through MLflow (checkpoints load with weights_only=True)."""
+    device = resolve_hardware(TrainConfig(device=device)).device  # the training's rules: auto, cpu, cuda:N, mps
     with tempfile.TemporaryDirectory(prefix="nanosweep-model-") as tmp:
         local = model_files(run_id, tmp)
         checkpoint = load_checkpoint(local[CHECKPOINT])

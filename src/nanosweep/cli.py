@@ -231,7 +231,7 @@ def download_command(member: str, profile: str, out: Path, tracking_uri: str | N
 @click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=1337, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda:N or mps")
 @tracking_uri_option
 @experiment_option
 @user_errors

@@ -56,6 +56,8 @@ class StudyRow:
 
 @dataclass(frozen=True)
 class Imported:
+    """What an import did: new runs by name, rows skipped as already imported, warnings to show."""
+
     runs: dict[str, str]  # run name -> new run id
     skipped: list[str]  # names already imported into the experiment
     warnings: list[str]
@@ -85,7 +87,7 @@ def read_results(path: Path, points: dict[str, GridPoint], member: str) -> list[
     """Parse and check results.csv against the member's grid; the first problem is refused with its line."""
     if not path.is_file():
         raise StudyFormatError(f"{path} is missing: a study folder holds results.csv with the runs' losses")
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark is not a header
         lines = list(csv.reader(handle))
     if not lines or lines[0] != STUDY_HEADER:
         got = ",".join(lines[0]) if lines else "nothing"
@@ -100,7 +102,8 @@ def read_results(path: Path, points: dict[str, GridPoint], member: str) -> list[
         if name not in points:
             example = next(iter(points))
             raise StudyFormatError(
-                f"{path}, line {number}: {name!r} is not a run of member {member}'s grid (names like {example})"
+                f"{path}, line {number}: {name!r} is not one of member {member}'s {len(points)} grid points as the "
+                f"study ran them (names like {example})"
             )
         if name in seen:
             raise StudyFormatError(f"{path}, line {number}: {name} appears twice")

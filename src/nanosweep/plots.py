@@ -15,6 +15,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from nanosweep.analysis import HYPERPARAMETERS  # noqa: E402
+
 Points = list[tuple[int, float]]
 
 
@@ -106,7 +108,7 @@ def loss_gaps(member: str, runs: pd.DataFrame) -> Figure:
     ordered = runs.sort_values("grid_position", kind="stable")
     dropouts = sorted(ordered.dropout.unique())
     palette = dict(zip(dropouts, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    fig = Figure(figsize=(9, 1.4 + 0.28 * len(ordered)))
+    fig = Figure(figsize=(9, max(3.2, 1.4 + 0.28 * len(ordered))))
     ax = fig.subplots()
     y = list(range(len(ordered)))[::-1]  # the first grid point on top
     gaps = (ordered.val_loss - ordered.train_loss).to_numpy()
@@ -168,7 +170,7 @@ def params_vs_val_loss(runs: pd.DataFrame, members: list[str]) -> Figure:
 def main_effects(effects: pd.DataFrame, members: list[str], metric: str) -> Figure:
     """Mean metric (with one standard deviation) at each level of each hyperparameter, per member and overall."""
     effects = effects[effects.metric == metric]
-    factors = list(dict.fromkeys(effects.factor))
+    factors = [h for h in HYPERPARAMETERS if h in set(effects.factor)]
     scopes = list(dict.fromkeys(effects.scope))
     colors = {**member_colors(members), "all": "black"}
     ncols = min(4, len(factors))
@@ -202,13 +204,9 @@ def main_effects(effects: pd.DataFrame, members: list[str], metric: str) -> Figu
         ax.set_visible(False)
     for ax in axes[::ncols]:
         ax.set_ylabel(f"mean {METRIC_LABELS[metric]}\n({LOSS_UNITS}) ± 1 std")
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1 : len(factors)]:  # a factor may miss from some scopes: collect every label once
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    fig.legend(handles, labels, loc="center right", frameon=False)
+    # a factor may miss from some scopes (block_size varies only across members): one entry per scope, in order
+    entries = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend([entries[s] for s in scopes], scopes, loc="center right", frameon=False)
     fig.suptitle(f"Main effects on {METRIC_LABELS[metric]}: mean over the runs at each level")
     fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     return fig
@@ -217,7 +215,7 @@ def main_effects(effects: pd.DataFrame, members: list[str], metric: str) -> Figu
 def member_comparison(runs: pd.DataFrame, members: list[str]) -> Figure:
     """Validation loss and loss gap of every run, side by side per member; the best run of each is starred."""
     colors = member_colors(members)
-    fig = Figure(figsize=(max(7, 2.6 * len(members) + 1), 8.5))
+    fig = Figure(figsize=(max(8, 2.6 * len(members) + 1), 8.8))
     axes = fig.subplots(2, 1, sharex=True)
     for ax, metric in zip(axes, ("val_loss", "loss_gap")):
         values = [runs[runs.member == m][metric].to_numpy() for m in members]
@@ -236,23 +234,8 @@ def member_comparison(runs: pd.DataFrame, members: list[str]) -> Figure:
     axes[1].axhline(0, color="0.3", linewidth=0.8)
     axes[1].set_xticks(range(len(members)), [f"{m}\n({(runs.member == m).sum()} runs)" for m in members])
     axes[1].set_xlabel("member")
-    axes[0].legend(
-        handles=[
-            Line2D(
-                [],
-                [],
-                marker="*",
-                color="gold",
-                markeredgecolor="black",
-                markersize=13,
-                linestyle="",
-                label="best run (lowest validation loss)",
-            )
-        ],
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1),
-        frameon=False,
-    )
-    axes[0].set_title("Members compared: every run's final validation loss (top) and loss gap (bottom)")
-    fig.tight_layout()
+    star = Line2D([], [], marker="*", color="gold", markeredgecolor="black", markersize=13, linestyle="")
+    fig.legend([star], ["best run of the member (lowest validation loss)"], loc="lower center", frameon=False)
+    fig.suptitle("Members compared: final validation loss (top) and loss gap (bottom) of every run")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig

@@ -72,7 +72,6 @@ def _row(run: Any) -> dict[str, Any] | None:
         artifact_uri=artifacts,
         config_uri=f"{artifacts}/{name}.py",
         checkpoint_uri=f"{artifacts}/{CHECKPOINT}",
-        samples_uri=f"{artifacts}/samples/{name}.txt",
     )
     return row
 

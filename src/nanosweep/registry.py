@@ -52,6 +52,8 @@ class TextGenerator(PythonModel):
 
 @dataclass(frozen=True)
 class Registered:
+    """A registered model version and the run it came from."""
+
     name: str
     version: str
     run_id: str

@@ -15,30 +15,40 @@ from typing import Any
 
 import pandas as pd
 
-from nanosweep.analysis import OVERFIT_TOLERANCE, Findings
+from nanosweep.analysis import HYPERPARAMETERS, OVERFIT_TOLERANCE, Findings
 
 TOP = 10  # rows of each ranking shown in the report (the CSVs hold them all)
+BEST_COLUMNS = ["member", "name", "val_loss", "train_loss", "loss_gap", "total_params"]  # the name says the rest
+RANKED = ["rank", "rank_in_member", *BEST_COLUMNS]
 
 
 @dataclass(frozen=True)
 class Heading:
+    """A section title (level 1 is the report's title)."""
+
     text: str
     level: int = 2
 
 
 @dataclass(frozen=True)
 class Paragraph:
+    """Prose; **bold** and `code` are the only markup."""
+
     text: str
 
 
 @dataclass(frozen=True)
 class Table:
+    """A DataFrame shown with its caption."""
+
     frame: pd.DataFrame
     caption: str
 
 
 @dataclass(frozen=True)
 class Image:
+    """A PNG beside the report: linked from the Markdown, embedded in the HTML."""
+
     path: str  # relative to the report
     caption: str
 
@@ -50,15 +60,29 @@ def cell(value: Any) -> str:
     """A table cell: losses to 4 decimals, integers with thousands separators, no 'nan'."""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int) or (hasattr(value, "is_integer") and isinstance(value, float) and value.is_integer()):
-        return f"{int(value):,}" if abs(value) >= 10_000 else str(int(value))
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, float):
         return "–" if math.isnan(value) else f"{value:.4f}"
     return str(value)
 
 
+def level(value: Any) -> str:
+    """A hyperparameter value as written in a config: 64, 0.1, 2000."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python numbers."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def _rows(frame: pd.DataFrame) -> list[list[str]]:
-    return [[cell(v.item() if hasattr(v, "item") else v) for v in row] for row in frame.itertuples(index=False)]
+    settings = [c in HYPERPARAMETERS or str(c).endswith("level") for c in frame.columns]
+    return [
+        [level(_plain(v)) if setting else cell(_plain(v)) for v, setting in zip(row, settings)]
+        for row in frame.itertuples(index=False)
+    ]
 
 
 def to_markdown(blocks: list[Block]) -> str:
@@ -84,11 +108,12 @@ body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; 
        line-height: 1.45; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
 h2 { border-bottom: 1px solid #ccc; padding-bottom: .15em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: .88em; }
-caption { caption-side: top; text-align: left; font-style: italic; padding-bottom: .3em; }
-th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+table { border-collapse: collapse; margin: 0 0 1.5em; font-size: .88em; }
+.caption { font-style: italic; margin: 1.2em 0 .3em; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; }
 th { background: #f0f0f0; }
-td:first-child, td:nth-child(2), th:first-child, th:nth-child(2) { text-align: left; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+.wide { overflow-x: auto; }
 tr:nth-child(even) td { background: #fafafa; }
 figure { margin: 1em 0 2em; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -113,6 +138,25 @@ def _inline(text: str) -> str:
     return "".join(out)
 
 
+def _html_table(table: Table) -> str:
+    """A table whose numeric columns align right, scrolling sideways rather than overflowing the page."""
+    numeric = [pd.api.types.is_numeric_dtype(table.frame[c]) for c in table.frame.columns]
+
+    def row(tag: str, cells: list[str]) -> str:
+        return (
+            "<tr>"
+            + "".join(f"<{tag}{' class=num' if n else ''}>{html.escape(c)}</{tag}>" for c, n in zip(cells, numeric))
+            + "</tr>"
+        )
+
+    head = row("th", [str(c) for c in table.frame.columns])
+    body = "".join(row("td", cells) for cells in _rows(table.frame))
+    return (
+        f'<p class="caption">{html.escape(table.caption)}</p>'
+        f'<div class="wide"><table><thead>{head}</thead><tbody>{body}</tbody></table></div>'
+    )
+
+
 def to_html(blocks: list[Block], root: Path, title: str) -> str:
     """One self-contained HTML page: figures embedded as base64 PNG, styles inline."""
     parts = [
@@ -126,14 +170,7 @@ def to_html(blocks: list[Block], root: Path, title: str) -> str:
         elif isinstance(block, Paragraph):
             parts.append(f"<p>{_inline(block.text)}</p>")
         elif isinstance(block, Table):
-            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in block.frame.columns)
-            body = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in _rows(block.frame)
-            )
-            parts.append(
-                f"<table><caption>{html.escape(block.caption)}</caption><thead><tr>{head}</tr></thead>"
-                f"<tbody>{body}</tbody></table>"
-            )
+            parts.append(_html_table(block))
         else:
             data = base64.b64encode((root / block.path).read_bytes()).decode("ascii")
             caption = html.escape(block.caption)
@@ -169,8 +206,10 @@ def _winner(f: Findings) -> list[Block]:
     return [
         Heading("Which configuration wins"),
         Paragraph(text),
-        Table(f.best, "Best run of each member (lowest final validation loss)"),
-        Table(ranked.head(TOP), f"Top {min(TOP, len(ranked))} runs by validation loss (rank overall and in member)"),
+        Table(f.best[BEST_COLUMNS], "Best run of each member (lowest final validation loss)"),
+        Table(
+            ranked[RANKED].head(TOP), f"Top {min(TOP, len(ranked))} runs by validation loss (rank overall, in member)"
+        ),
     ]
 
 
@@ -179,7 +218,7 @@ def _effect_sentence(importance: pd.DataFrame, scope: str, what: str) -> str:
     if rows.empty:
         return f"No hyperparameter varies among these runs, so none can be credited with the {what}."
     pieces = [
-        f"`{r.factor}` {r.effect:.4f} ({cell(r.best_level)}: {r.best_mean:.4f} vs {cell(r.worst_level)}: "
+        f"`{r.factor}` {r.effect:.4f} ({level(r.best_level)}: {r.best_mean:.4f} vs {level(r.worst_level)}: "
         f"{r.worst_mean:.4f})"
         for r in rows.itertuples()
     ]
@@ -195,14 +234,25 @@ def _effect_sentence(importance: pd.DataFrame, scope: str, what: str) -> str:
     return text
 
 
+def effect_table(importance: pd.DataFrame, scope: str) -> pd.DataFrame:
+    """Factors down, scopes across: each cell the effect and its best level (* where the grid is unbalanced)."""
+    cells = importance.assign(
+        cell=[f"{r.effect:.4f} ({level(r.best_level)}){'' if r.balanced else ' *'}" for r in importance.itertuples()]
+    )
+    table = cells.pivot(index="factor", columns="scope", values="cell")
+    order = list(importance[importance["scope"] == scope]["factor"])
+    table = table.reindex(index=order, columns=list(dict.fromkeys(importance["scope"])))
+    return table.reset_index().fillna("–")
+
+
 def _importance(f: Findings) -> list[Block]:
     scope = _scope(f)
-    columns = ["scope", "factor", "effect", "best_level", "best_mean", "worst_level", "worst_mean", "balanced"]
+    caption = "Effect on validation loss: range of the level means (best level); * = other factors not balanced"
     return [
         Heading("How much each hyperparameter matters"),
         Paragraph(_effect_sentence(f.importance_val, scope, "validation loss")),
         Image("plots/main_effects_val_loss.png", "Main effects on validation loss (mean ± 1 std per level)"),
-        Table(f.importance_val[columns], "Effect of each hyperparameter on validation loss (range of level means)"),
+        Table(effect_table(f.importance_val, scope), caption),
     ]
 
 
@@ -224,7 +274,7 @@ def _overfitting(f: Findings) -> list[Block]:
             Paragraph(
                 f"In none of the {len(f.overfitting)} runs did validation loss rise more than {OVERFIT_TOLERANCE} "
                 "nats above its best evaluation: within these training lengths no configuration has started to "
-                "overfit yet, and the growing gap is the only early sign."
+                "overfit yet (validation loss was still at or near its best at the end)."
             )
         )
     else:
@@ -239,7 +289,9 @@ def _overfitting(f: Findings) -> list[Block]:
         columns = ["member", "name", "best_step", "best_val_loss", "final_step", "final_val_loss", "rise_after_best"]
         blocks.append(Table(over.sort_values("best_step")[columns], "Runs whose validation loss rose after its best"))
     blocks.append(Image("plots/main_effects_loss_gap.png", "Main effects on the loss gap (mean ± 1 std per level)"))
-    worst = f.by_loss_gap.iloc[::-1].head(TOP)
+    caption = "Effect on the loss gap: range of the level means (level with the smallest gap); * = not balanced"
+    blocks.append(Table(effect_table(f.importance_gap, scope), caption))
+    worst = f.by_loss_gap[RANKED].iloc[::-1].head(TOP)
     blocks.append(Table(worst, f"The {len(worst)} largest loss gaps (rank 1 = smallest gap)"))
     for member in f.members:
         blocks.append(Image(f"plots/loss_gap_{member}.png", f"{member}: loss gap per run"))

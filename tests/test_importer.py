@@ -1,0 +1,142 @@
+"""import-results: a study folder written by the test (the study's format) into MLflow runs, and read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from nanosweep import query
+from nanosweep.artifacts import download, load_run_model
+from nanosweep.cli import main
+from nanosweep.importer import StudyFormatError, import_study
+from nanosweep.model import GPT, GPTConfig
+from nanosweep.sampling import SampleSettings, generate_texts
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+HEADER = "Experiment,Train Loss,Val Loss,Loss Gap,Total Params,Config Path"
+# shallow_small's grid points 1-3: the study's names, numbers and (rounded) parameter counts
+ROWS = [
+    ("b64_L4_H4_E128_BS8_MI1000_D10_s1", 2.2018, 2.2313, 0.0295),
+    ("b64_L4_H4_E128_BS8_MI1000_D20_s2", 2.2510, 2.2601, 0.0091),
+    ("b64_L4_H4_E128_BS8_MI2000_D10_s3", 1.9101, 1.9702, 0.0601),
+]
+
+
+def nanogpt_checkpoint(path: Path, iter_num: int, best_val_loss: float) -> None:
+    """A checkpoint as nanoGPT writes it (best_val_loss a 0-d tensor) for the study's L4/E128 model."""
+    model = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.1))
+    path.parent.mkdir(parents=True)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_args": model.config.to_model_args(),
+            "iter_num": iter_num,
+            "best_val_loss": torch.tensor(best_val_loss),
+            "config": {"dataset": "shakespeare_char", "max_iters": 2000},
+        },
+        path,
+    )
+
+
+def study_folder(root: Path) -> Path:
+    """nanoGPT_results_vijay_shallow_small with results.csv, checkpoints for points 1 and 3 (2 is missing), samples."""
+    folder = root / "nanoGPT_results_vijay_shallow_small"
+    (folder / "samples").mkdir(parents=True)
+    lines = [HEADER] + [f"{n},{t},{v},{g},800000.0,/content/nanoGPT/{n}.py" for n, t, v, g in ROWS]
+    (folder / "results.csv").write_text("\n".join(lines) + "\n")
+    nanogpt_checkpoint(folder / ROWS[0][0] / "ckpt.pt", 1000, 2.2313)
+    nanogpt_checkpoint(folder / ROWS[2][0] / "ckpt.pt", 1800, 1.9650)  # the study's MI2000 runs stopped at 1800
+    for name, *_ in ROWS:
+        (folder / "samples" / f"{name}.txt").write_text(f"ROMEO: samples of {name}\n")
+    (folder / "samples" / f"{ROWS[0][0]}0.txt").write_text("another run's file\n")  # a name prefix is not a match
+    return folder
+
+
+def test_import_creates_runs_with_the_studys_params_metrics_and_artifacts(store, prepared, tmp_path):
+    folder = study_folder(tmp_path)
+    result = import_study(folder, None, "nanosweep", prepared.vocab(), SWEEPS)
+    assert list(result.runs) == [name for name, *_ in ROWS] and result.skipped == []
+    assert result.warnings == [f"{ROWS[1][0]}: no {ROWS[1][0]}/ckpt.pt; imported without a checkpoint"]
+
+    runs = query.select("nanosweep", "shallow_small", "full")
+    assert list(runs.name) == [name for name, *_ in ROWS]
+    assert list(runs.grid_position) == [1, 2, 3] and list(runs.global_id) == [1, 2, 3]
+    assert set(runs.run_kind) == {"imported"} and list(runs.total_params) == [795_904] * 3  # nanoGPT's exact count
+    assert list(runs.train_loss) == [t for _, t, _, _ in ROWS] and list(runs.val_loss) == [v for _, _, v, _ in ROWS]
+
+    client = MlflowClient()
+    run = client.get_run(result.runs[ROWS[2][0]])
+    assert run.data.tags["nanosweep.imported_from"] == str(folder.resolve())
+    params = run.data.params
+    assert (params["n_head"], params["n_embd"], params["max_iters"], params["dropout"], params["seed"]) == (
+        "4", "128", "2000", "0.1", "3",
+    )  # fmt: skip
+    assert params["study_total_params"] == "800000.0"
+    assert params["study_config_path"] == f"/content/nanoGPT/{ROWS[2][0]}.py"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")] == [(1800, 1.9702)]
+    assert run.data.metrics["loss_gap"] == 0.0601 and run.data.metrics["best_val_loss"] == pytest.approx(1.965)
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert paths == {"ckpt.pt", "vocab.json", f"{ROWS[2][0]}.py", "samples"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == [f"samples/{ROWS[2][0]}.txt"]
+    assert "ckpt.pt" not in {a.path for a in client.list_artifacts(result.runs[ROWS[1][0]])}
+    config = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{ROWS[2][0]}.py")
+    assert "n_layer = 4" in config and "max_iters = 2000" in config
+
+    # an imported checkpoint samples like any run's
+    model, vocab = load_run_model(run.info.run_id)
+    [text] = generate_texts(model, vocab, SampleSettings(prompt="ROMEO:", num_samples=1, max_new_tokens=10))
+    assert text.startswith("ROMEO:") and len(text) == 16
+
+    # and downloads back into the study's layout, checkpoint bytes unchanged
+    download(runs, tmp_path / "back")
+    back = tmp_path / "back" / "nanoGPT_results_vijay_shallow_small"
+    assert (back / ROWS[2][0] / "ckpt.pt").read_bytes() == (folder / ROWS[2][0] / "ckpt.pt").read_bytes()
+    assert [line.split(",")[:4] for line in (back / "results.csv").read_text().splitlines()[1:]] == [
+        [n, f"{t:.4f}", f"{v:.4f}", f"{g:.4f}"] for n, t, v, g in ROWS
+    ]
+
+    again = import_study(folder, None, "nanosweep", prepared.vocab(), SWEEPS)
+    assert again.runs == {} and again.skipped == [name for name, *_ in ROWS]
+
+
+def test_a_malformed_csv_is_refused_with_its_line_and_nothing_is_imported(store, prepared, tmp_path):
+    first, second = ROWS[0][0], ROWS[1][0]
+    cases = [
+        (["Experiment,Train Loss,Val Loss"], "line 1: header is 'Experiment,Train Loss,Val Loss', expected"),
+        ([HEADER, f"{first},2.2,2.3,0.1,800000.0,/c/x.py", f"{second},2.2,2.3"], "line 3: 3 fields, expected 6"),
+        ([HEADER, f"{first},2.2,abc,0.1,800000.0,/c/x.py"], "line 2: Val Loss 'abc' is not a number"),
+        ([HEADER, f"{first},2.2,2.3,0.1,1,/c/x.py", "b64_L9_H4_E128_BS8_MI1000_D10_s1,2,2,0,1,x"], "line 3: 'b64_L9_"),
+        ([HEADER, f"{first},2,2,0,1,x", f"{first},2,2,0,1,x"], f"line 3: {first} appears twice"),
+        ([HEADER], "no runs below the header"),
+    ]
+    for i, (lines, message) in enumerate(cases):
+        folder = tmp_path / str(i) / "nanoGPT_results_vijay_shallow_small"
+        folder.mkdir(parents=True)
+        (folder / "results.csv").write_text("\n".join(lines) + "\n")
+        with pytest.raises(StudyFormatError) as refused:
+            import_study(folder, None, "nanosweep", prepared.vocab(), SWEEPS)
+        assert str(refused.value).startswith(f"{folder / 'results.csv'}") and message in str(refused.value)
+    assert MlflowClient().get_experiment_by_name("nanosweep") is None  # nothing was written, not even the experiment
+
+
+def test_import_command_warns_and_refuses_with_one_line_errors(store, tmp_path):
+    folder = study_folder(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["import-results", str(folder), "--sweeps-dir", str(SWEEPS)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {ROWS[1][0]}: no {ROWS[1][0]}/ckpt.pt" in result.output
+    assert "imported 3 runs into experiment 'nanosweep'" in result.output
+
+    renamed = folder.rename(tmp_path / "old_study")
+    result = runner.invoke(main, ["import-results", str(renamed), "--sweeps-dir", str(SWEEPS)])
+    assert result.exit_code == 1 and "cannot tell the member from the folder name 'old_study'" in result.output
+    result = runner.invoke(main, ["import-results", str(renamed), "--member", "tall", "--sweeps-dir", str(SWEEPS)])
+    assert result.exit_code == 1
+    assert (
+        "member='tall' is unknown: choose one of shallow_small, deep_small, shallow_large, deep_large" in result.output
+    )
