@@ -29,11 +29,6 @@ from nanosweep.config import TrainConfig
 from nanosweep.grid import GridPoint, default_sweeps_dir, expand, load_members
 from nanosweep.query import histories, select
 from nanosweep.tracking import (
-    CONFIG_HASH_TAG,
-    GLOBAL_ID_TAG,
-    GRID_POSITION_TAG,
-    MEMBER_TAG,
-    PROFILE_TAG,
     RUN_KIND_TAG,
     TrackedRun,
     connect,
@@ -58,15 +53,7 @@ def fabricate(point: GridPoint, experiment_id: str, parent: str) -> None:
     floor = 1.55 - 0.08 * math.log(params / 8e5) - 0.03 * (cfg.block_size / 64 - 1)
     rate = 1 / (900 * (8 / cfg.batch_size) ** 0.3)
     gap_scale = 0.02 + 0.05 * (cfg.n_embd / 256) * (0.1 / cfg.dropout) * (cfg.n_layer / 4)
-    tags = {
-        MEMBER_TAG: point.member,
-        PROFILE_TAG: point.profile,
-        GRID_POSITION_TAG: str(point.position),
-        GLOBAL_ID_TAG: str(point.global_id),
-        CONFIG_HASH_TAG: cfg.config_hash,
-        RUN_KIND_TAG: "trial",
-    }
-    run = TrackedRun.create(experiment_id, cfg.run_name, tags, parent)
+    run = TrackedRun.create(experiment_id, cfg.run_name, point.study_tags(), parent)
     run.log_params({**cfg.to_dict(), "total_params": params, "tokens_per_iter": cfg.tokens_per_iter})
     run.log_params({"train_device": "cpu", "train_dtype": "float32", "member": point.member, "profile": "full"})
 

@@ -4,6 +4,7 @@
 #
 #   scripts/tracking-stack.sh start            install what is missing, start both, wait for /health
 #   scripts/tracking-stack.sh env              the exports a client needs (URI and credentials)
+#   scripts/tracking-stack.sh test-env         the exports the server tests need (tests/integration/)
 #   scripts/tracking-stack.sh status           what runs, and where
 #   scripts/tracking-stack.sh restart-server [SECONDS_DOWN]   stop the MLflow server, wait, start it again
 #   scripts/tracking-stack.sh stop             stop both; runs and artifacts stay in the state directory
@@ -158,6 +159,13 @@ print_env() {
   echo "export MLFLOW_TRACKING_PASSWORD=$MLFLOW_ADMIN_PASSWORD"
 }
 
+print_test_env() {
+  write_secrets
+  echo "export NANOSWEEP_TEST_SERVER_URI=$URI"
+  echo "export NANOSWEEP_TEST_SERVER_USERNAME=$MLFLOW_ADMIN_USERNAME"
+  echo "export NANOSWEEP_TEST_SERVER_PASSWORD=$MLFLOW_ADMIN_PASSWORD"
+}
+
 case "${1:-}" in
   start)
     install_missing
@@ -168,6 +176,7 @@ case "${1:-}" in
     say "a client needs:  eval \"\$(bash scripts/tracking-stack.sh env)\""
     ;;
   env) print_env ;;
+  test-env) print_test_env ;;
   status)
     if [ -n "$(pg_bin)" ] && pg_running; then echo "postgresql: running on 127.0.0.1:$PG_PORT"; else echo "postgresql: stopped"; fi
     if pid="$(server_pid)"; then echo "mlflow server: pid $pid on $URI$(healthy && echo ', healthy')"; else echo "mlflow server: stopped"; fi
@@ -190,7 +199,7 @@ case "${1:-}" in
     say "removed $STACK_DIR"
     ;;
   *)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

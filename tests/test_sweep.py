@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from nanosweep.sweep import process_alive
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_MEMBER = """\
 member: tiny
@@ -47,7 +49,7 @@ def study_runs(kind: str = "trial") -> list:
     return client.search_runs([experiment.experiment_id], f"tags.run_kind = '{kind}'") if experiment else []
 
 
-def wait_for(predicate, timeout: float = 120.0, every: float = 0.1):
+def wait_for(predicate, timeout: float = 300.0, every: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -76,8 +78,8 @@ def test_sweep_nests_tagged_children_under_one_parent_and_a_rerun_skips_them_all
 
     code, output = finish(sweep(sweeps_dir))
     assert code == 0
-    assert "[4/4] done 0 | running 0 | skipped 4 | failed 0" in output
-    assert len(study_runs()) == 4
+    assert output.strip().endswith("sweep-tiny-full: nothing to run: every grid point is finished or running elsewhere")
+    assert len(study_runs()) == 4 and len(study_runs("sweep")) == 1  # no empty parent for a sweep that did nothing
 
     code, output = finish(sweep(sweeps_dir, "--dry-run"))
     assert code == 0 and output.strip().endswith("4 skip")
@@ -94,7 +96,9 @@ def test_sigkill_of_the_whole_sweep_then_rerun_resumes_the_cut_off_run_from_its_
     victim = wait_for(cut_off_run)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_for(lambda: not process_alive(victim.data.tags))  # the kernel takes a moment to end the trial too
     assert MlflowClient().get_run(victim.info.run_id).info.status == "RUNNING"  # nobody could end it
+    [first_parent] = study_runs("sweep")
 
     code, output = finish(sweep(sweeps_dir, "--dry-run"))
     assert f"{victim.info.run_name:<40} resume  from iteration" in output
@@ -107,6 +111,10 @@ def test_sigkill_of_the_whole_sweep_then_rerun_resumes_the_cut_off_run_from_its_
     client = MlflowClient()
     resumed = client.get_run(victim.info.run_id)
     assert resumed.info.status == "FINISHED"
+    killed_parent = client.get_run(first_parent.info.run_id)
+    assert killed_parent.info.status == "KILLED"  # its process is gone: the rerun ends it
+    [second_parent] = [r for r in study_runs("sweep") if r.info.run_id != first_parent.info.run_id]
+    assert resumed.data.tags["mlflow.parentRunId"] == second_parent.info.run_id
     for key, every in (("iter_loss", 5), ("val_loss", 50)):
         steps = [m.step for m in client.get_metric_history(victim.info.run_id, key)]
         expected = list(range(0, 400, every)) + ([400] if key == "val_loss" else [])

@@ -96,7 +96,7 @@ def train_command(
     **fields: Any,
 ) -> None:
     """Train one configuration as one MLflow run."""
-    from nanosweep.trial import Interrupted, run_trial  # torch loads only for commands that train
+    from nanosweep.trial import Interrupted, run_trial
 
     cfg = TrainConfig(**fields)
     connect(tracking_uri)

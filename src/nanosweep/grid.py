@@ -13,6 +13,14 @@ from typing import Any
 import yaml
 
 from nanosweep.config import ConfigError, TrainConfig
+from nanosweep.tracking import (
+    CONFIG_HASH_TAG,
+    GLOBAL_ID_TAG,
+    GRID_POSITION_TAG,
+    MEMBER_TAG,
+    PROFILE_TAG,
+    RUN_KIND_TAG,
+)
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 MEMBER_KEYS = {"member", "description", "global_id_offset", "fixed", "grid", "overrides"}
@@ -136,6 +144,17 @@ class GridPoint:
     global_id: int
     profile: str
     config: TrainConfig
+
+    def study_tags(self, run_kind: str = "trial") -> dict[str, str]:
+        """The tags that place a run in the study: analysis and resuming select runs by them."""
+        return {
+            MEMBER_TAG: self.member,
+            PROFILE_TAG: self.profile,
+            GRID_POSITION_TAG: str(self.position),
+            GLOBAL_ID_TAG: str(self.global_id),
+            CONFIG_HASH_TAG: self.config.config_hash,
+            RUN_KIND_TAG: run_kind,
+        }
 
 
 def expand(member: Member, profile: str) -> list[GridPoint]:

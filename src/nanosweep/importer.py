@@ -21,12 +21,6 @@ from nanosweep.grid import GridPoint, expand, load_members
 from nanosweep.query import finished_runs
 from nanosweep.tracking import (
     CHECKPOINT,
-    CONFIG_HASH_TAG,
-    GLOBAL_ID_TAG,
-    GRID_POSITION_TAG,
-    MEMBER_TAG,
-    PROFILE_TAG,
-    RUN_KIND_TAG,
     TrackedRun,
     ensure_experiment,
 )
@@ -142,16 +136,8 @@ def _import_row(row: StudyRow, folder: Path, experiment_id: str, vocab: Vocab) -
         except Exception as exc:  # a truncated or foreign file: keep the numbers, drop the file
             warnings.append(f"{cfg.run_name}: {checkpoint.name} is unreadable ({exc}); imported without it")
             checkpoint = None
-    tags = {
-        MEMBER_TAG: row.point.member,
-        PROFILE_TAG: PROFILE,
-        GRID_POSITION_TAG: row.point.position,
-        GLOBAL_ID_TAG: row.point.global_id,
-        CONFIG_HASH_TAG: cfg.config_hash,
-        RUN_KIND_TAG: "imported",
-        IMPORTED_FROM_TAG: str(folder.resolve()),
-    }
-    run = TrackedRun.create(experiment_id, cfg.run_name, {k: str(v) for k, v in tags.items()})
+    tags = {**row.point.study_tags("imported"), IMPORTED_FROM_TAG: str(folder.resolve())}
+    run = TrackedRun.create(experiment_id, cfg.run_name, tags)
     try:
         run.log_params(
             {

@@ -27,10 +27,9 @@ from nanosweep.executors import Executor, LocalProcessPool, TrialExit, TrialLaun
 from nanosweep.grid import GridPoint, expand, load_members
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
-    GLOBAL_ID_TAG,
-    GRID_POSITION_TAG,
     HOST_TAG,
     MEMBER_TAG,
+    PARENT_RUN_TAG,
     PID_TAG,
     PROFILE_TAG,
     RUN_KIND_TAG,
@@ -100,19 +99,29 @@ class Progress:
         self.stream.flush()
 
 
-def _process_alive(tags: dict[str, str]) -> bool:
-    """Is the process training this RUNNING run still there? Runs of other machines count as alive."""
+def process_alive(tags: dict[str, str]) -> bool:
+    """Is the process behind this RUNNING run still there? Runs of other machines count as alive."""
     if HOST_TAG not in tags or PID_TAG not in tags:
         return False  # killed before it even said where it ran
     if tags[HOST_TAG] != socket.gethostname():
         return True
+    pid = int(tags[PID_TAG])
     try:
-        os.kill(int(tags[PID_TAG]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    # a killed process whose parent has not reaped it yet is a zombie: it answers signals but is gone
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+def end_stale_sweeps(experiment_id: str, keep: str | None) -> None:
+    """End KILLED the parent runs left RUNNING by sweeps that were killed outright (SIGKILL, power loss)."""
+    for run in search_runs([experiment_id], f"tags.{RUN_KIND_TAG} = 'sweep' and attributes.status = 'RUNNING'"):
+        if run.info.run_id != keep and not process_alive(run.data.tags):
+            TrackedRun(run.info.run_id).finish("KILLED", "the sweep process was killed; a later sweep took over")
 
 
 def plan(points: list[GridPoint], experiment_id: str) -> list[PlannedTrial]:
@@ -135,7 +144,7 @@ def plan(points: list[GridPoint], experiment_id: str) -> list[PlannedTrial]:
                 )
             )
             continue
-        live = [r for r in by_status["RUNNING"] if _process_alive(r.data.tags)]
+        live = [r for r in by_status["RUNNING"] if process_alive(r.data.tags)]
         if live:
             where = f"{live[0].data.tags.get(HOST_TAG)} pid {live[0].data.tags.get(PID_TAG)}"
             plans.append(PlannedTrial(point, "busy", live[0].info.run_id, f"running on {where}", "RUNNING"))
@@ -163,15 +172,7 @@ def trial_argv(run_id: str, point: GridPoint) -> list[str]:
 
 def create_trial_run(experiment_id: str, point: GridPoint, parent_run_id: str) -> str:
     """A child run of the sweep, tagged with its place in the study."""
-    tags = {
-        MEMBER_TAG: point.member,
-        PROFILE_TAG: point.profile,
-        GRID_POSITION_TAG: str(point.position),
-        GLOBAL_ID_TAG: str(point.global_id),
-        CONFIG_HASH_TAG: point.config.config_hash,
-        RUN_KIND_TAG: "trial",
-    }
-    run = TrackedRun.create(experiment_id, point.config.run_name, tags, parent_run_id)
+    run = TrackedRun.create(experiment_id, point.config.run_name, point.study_tags(), parent_run_id)
     run.log_params({"member": point.member, "profile": point.profile})
     return run.run_id
 
@@ -228,6 +229,8 @@ def _drive(
             planned = queue.popleft()
             if planned.run_id is None:
                 planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
+            else:  # a resumed run moves under the sweep that finishes it
+                TrackedRun(planned.run_id).set_tags({PARENT_RUN_TAG: parent_id})
             by_run[planned.run_id] = planned
             name = planned.point.config.run_name
             executor.start(
@@ -256,9 +259,23 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         stream.write(", ".join(f"{n} {a}" for a, n in counts.items() if n) + "\n")
         return 0
 
+    end_stale_sweeps(experiment_id, keep=attached)
     name = f"sweep-{opts.member}-{opts.profile}"
+    if not attached and not any(p.launches for p in plans):
+        stream.write(format_table(plans, with_results=True) + "\n")
+        stream.write(f"{name}: nothing to run: every grid point is finished or running elsewhere\n")
+        return 0
     parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: "sweep"})
-    parent.set_tags({RUN_KIND_TAG: "sweep", "mlflow.runName": name, MEMBER_TAG: opts.member, PROFILE_TAG: opts.profile})
+    parent.set_tags(
+        {
+            RUN_KIND_TAG: "sweep",
+            "mlflow.runName": name,
+            MEMBER_TAG: opts.member,
+            PROFILE_TAG: opts.profile,
+            HOST_TAG: socket.gethostname(),
+            PID_TAG: os.getpid(),
+        }
+    )
     parent.log_params(
         {
             "member": opts.member,

@@ -12,16 +12,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mlflow import MlflowClient
-from server_checks import skip_or_fail, sweep_runs, unique_experiment, write_member
 
 from nanosweep.data import PreparedData
+
+from .server_checks import skip_or_fail, sweep_command, sweep_runs, unique_experiment, write_member
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_SCRIPT = REPO / "scripts" / "tracking-stack.sh"
@@ -37,7 +37,6 @@ class Server:
     password: str
     workdir: Path
     started_by_stack_script: bool = False
-    clients: dict[str, MlflowClient] = field(default_factory=dict)
 
     def env(self, authenticated: bool = True) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -103,8 +102,6 @@ class Sweep:
     sweeps_dir: Path
     parent: Any
     children: list[Any]
-    output: str
-    seconds: float
 
 
 @pytest.fixture(scope="session")
@@ -112,14 +109,10 @@ def tiny_sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Swee
     """The tiny grid (4 points) swept once on the server with two workers; several tests read it."""
     sweeps_dir = write_member(tmp_path_factory.mktemp("sweeps"), max_iters=[20, 40], eval_interval=10)
     name = unique_experiment("it-sweep")
-    t0 = time.perf_counter()
-    done = server.cli(
-        "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir), "--workers", "2", "--experiment", name
-    )
-    seconds = time.perf_counter() - t0
+    done = server.cli(*sweep_command(sweeps_dir, name))
     assert done.returncode == 0, done.stdout
     client = server.client()
     experiment = client.get_experiment_by_name(name)
     parents, children = sweep_runs(client, experiment.experiment_id)
     assert len(parents) == 1, [p.info.run_name for p in parents]
-    return Sweep(name, experiment.experiment_id, sweeps_dir, parents[0], children, done.stdout, seconds)
+    return Sweep(name, experiment.experiment_id, sweeps_dir, parents[0], children)

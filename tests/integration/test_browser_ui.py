@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_checks import skip_or_fail
+
+from .server_checks import skip_or_fail
 
 pytestmark = [pytest.mark.server, pytest.mark.browser]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from server_checks import (
+
+from .server_checks import (
     missing_or_doubled,
     not_finished,
     running,
@@ -57,7 +58,7 @@ def test_sweep_survives_a_server_restart_without_losing_metric_points(server, tm
     assert running(client, experiment_id) == []
     logged_while_down = 0
     for run in children:
-        assert run.info.end_time > back_at, f"{run.info.run_name} ended before the restart: nothing was tested"
+        assert run.info.end_time > down_from, f"{run.info.run_name} ended before the restart: nothing was tested"
         assert missing_or_doubled(client, run) == {}, run.info.run_name
         history = client.get_metric_history(run.info.run_id, "iter_loss")
         logged_while_down += sum(down_from <= m.timestamp <= back_at for m in history)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 
 import pytest
-from server_checks import missing_or_doubled
 
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
 from nanosweep.data import PreparedData
 from nanosweep.sampling import SampleSettings, generate_texts
+
+from .server_checks import missing_or_doubled
 
 pytestmark = pytest.mark.server
 
@@ -92,6 +93,7 @@ def test_sample_from_a_downloaded_checkpoint(server, tiny_sweep, tmp_path, prepa
 
 def test_sample_command_reads_the_checkpoint_through_the_server(server, tiny_sweep) -> None:
     run = tiny_sweep.children[-1]
-    done = server.cli("sample", "--run-id", run.info.run_id, "--prompt", "ROMEO:", "--num-samples", "2")
+    args = ["--name", run.info.run_id, "--prompt", "ROMEO:", "--num-samples", "2", "--max-new-tokens", "30"]
+    done = server.cli("sample", *args, "--experiment", tiny_sweep.experiment_name)
     assert done.returncode == 0, done.stdout
     assert done.stdout.count("ROMEO:") >= 2, done.stdout

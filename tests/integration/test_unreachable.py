@@ -24,7 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("command", [["train", *TINY_TRAIN], ["sweep", "--member", "shallow_small"]])
+COMMANDS = [
+    ["train", *TINY_TRAIN],
+    ["sweep", "--member", "shallow_small"],
+    ["analyze", "--member", "shallow_small"],
+    ["download", "--member", "shallow_small"],
+    ["sample", "--name", "b64_L4_H4_E128_BS8_MI1000_D10_s1"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c[0] for c in COMMANDS])
 def test_unreachable_server_fails_fast_in_one_line(command: list[str], tmp_path: Path, prepared: PreparedData) -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.perf_counter()
@@ -40,5 +49,5 @@ def test_unreachable_server_fails_fast_in_one_line(command: list[str], tmp_path:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("Error: ") and uri in lines[0] and "unreachable" in lines[0]
-    assert seconds < 30, f"took {seconds:.1f} s: MLflow's HTTP retries were not cut short"
+    assert seconds < 60, f"took {seconds:.1f} s: MLflow's HTTP retries (minutes) were not cut short"
     assert not list(tmp_path.iterdir()), "nothing may be written when the server is unreachable"
