@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import nanosweep, pytest, ruff" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet "torch==2.13.0"
-  .venv/bin/pip install --quiet -e ".[dev,postgres,server]"
 fi
+.venv/bin/pip install --quiet -e ".[dev,postgres,server]"  # a no-op when nothing changed
 export MLFLOW_DISABLE_TELEMETRY=true
 .venv/bin/ruff check src tests bench
 .venv/bin/python -m pytest "$@"

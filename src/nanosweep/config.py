@@ -131,11 +131,6 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
 
-def field_help() -> dict[str, str]:
-    """Help text of every TrainConfig field, for the CLI and the MLproject."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
-
-
 def validate(cfg: TrainConfig) -> None:
     """Refuse values nanoGPT would crash on or that make no sense, naming value and range."""
     positive = (

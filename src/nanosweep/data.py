@@ -158,9 +158,6 @@ class Batches:
         self.splits = {"train": load(prepared.train_bin), "val": load(prepared.val_bin)}
         self.device = device
 
-    def __len__(self) -> int:
-        return min(len(ids) for ids in self.splits.values())
-
     def sample(
         self, split: str, n: int, block_size: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:

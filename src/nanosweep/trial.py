@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import socket
@@ -135,12 +134,3 @@ def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardw
             png,
         )
         run.log_file(png)
-
-
-def config_from_run_params(params: dict[str, str]) -> TrainConfig:
-    """The TrainConfig a run was logged with (params are strings in MLflow)."""
-    values = {}
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in params:
-            values[field.name] = type(field.default)(params[field.name])
-    return TrainConfig(**values)
