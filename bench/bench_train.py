@@ -48,7 +48,7 @@ class StepClock:
 def iteration_seconds(cfg: TrainConfig, batches: Batches) -> float:
     """Median wall time of one optimizer step, measured between consecutive iterations."""
     clock = StepClock()
-    train(cfg, batches, 65, clock)
+    train(cfg, build_model(cfg, 65), batches, clock)
     gaps = [b[1] - a[1] for a, b in zip(clock.stamps[2:], clock.stamps[3:])]  # skip warm-up steps
     return statistics.median(gaps)
 

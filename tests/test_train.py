@@ -11,7 +11,7 @@ from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint, save_ch
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
 from nanosweep.sampling import SampleSettings, generate_texts
-from nanosweep.train import learning_rate, train
+from nanosweep.train import build_model, learning_rate, train
 
 
 class Recorder:
@@ -31,7 +31,8 @@ class Recorder:
 
 def run(cfg: TrainConfig, prepared, resume_from=None):
     recorder = Recorder()
-    model, outcome = train(cfg, Batches(prepared, torch.device("cpu")), 65, recorder, resume_from)
+    model = build_model(cfg, 65)
+    outcome = train(cfg, model, Batches(prepared, torch.device("cpu")), recorder, resume_from)
     return model, outcome, recorder
 
 

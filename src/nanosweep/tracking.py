@@ -110,11 +110,16 @@ class TrackedRun:
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
         self._scratch = tempfile.TemporaryDirectory(prefix="nanosweep-")
-        # steps already in the run (a resumed run): never log a step twice
-        run = self.client.get_run(run_id)
-        self._last_step = {
-            key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics
-        }
+        self._last_step: dict[str, int] | None = None  # read on the first metric logged
+
+    def _steps_logged(self) -> dict[str, int]:
+        """The last step of each metric already in the run (a resumed run): no step is logged twice."""
+        if self._last_step is None:
+            metrics = self.info().data.metrics
+            self._last_step = {
+                key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in metrics
+            }
+        return self._last_step
 
     @classmethod
     def create(
@@ -148,10 +153,11 @@ class TrackedRun:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer the points; they go out asynchronously in batches, so logging never stalls training."""
         now = int(time.time() * 1000)
+        last_step = self._steps_logged()
         for key, value in metrics.items():
-            if step > self._last_step.get(key, -1):
+            if step > last_step.get(key, -1):
                 self._buffer.append(Metric(key, float(value), now, step))
-                self._last_step[key] = step
+                last_step[key] = step
         if len(self._buffer) >= METRIC_BATCH:
             self.flush()
 

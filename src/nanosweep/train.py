@@ -112,14 +112,14 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
 
 def train(
     cfg: TrainConfig,
+    model: GPT,
     batches: Batches,
-    vocab_size: int,
     observer: RunObserver,
     resume_from: dict[str, Any] | None = None,
-) -> tuple[GPT, TrainOutcome]:
-    """Train cfg from scratch, or from a checkpoint of the same config, to max_iters."""
+) -> TrainOutcome:
+    """Train the model of cfg (fresh from build_model) to max_iters, or on from a checkpoint of the same config."""
     hw = resolve_hardware(cfg)
-    model = build_model(cfg, vocab_size).to(hw.device)
+    model.to(hw.device)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), hw.device.type)
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.dtype == torch.float16)
@@ -181,4 +181,4 @@ def train(
             )
             t0, iters_since_log = time.perf_counter(), 0
         iter_num += 1
-    return model, TrainOutcome(iter_num, losses["train"], losses["val"], best_val_loss)
+    return TrainOutcome(iter_num, losses["train"], losses["val"], best_val_loss)

@@ -83,7 +83,7 @@ def run_trial(
 
 def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardware: Hardware) -> None:
     vocab = prepared.vocab()
-    total_params = build_model(cfg, vocab.size).total_params()
+    model = build_model(cfg, vocab.size)
     # host and pid let a later sweep tell a live RUNNING run from one whose process was killed
     run.set_tags(
         {
@@ -96,7 +96,7 @@ def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardw
     run.log_params(
         {
             **cfg.to_dict(),
-            "total_params": total_params,
+            "total_params": model.total_params(),
             "tokens_per_iter": cfg.tokens_per_iter,
             "train_device": str(hardware.device),
             "train_dtype": hardware.dtype_name,
@@ -108,7 +108,7 @@ def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardw
     run.log_text(vocab.to_json(), "vocab.json")
     run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
 
-    model, outcome = train(cfg, batches, vocab.size, run, resume_from=run.download_checkpoint())
+    outcome = train(cfg, model, batches, run, resume_from=run.download_checkpoint())
 
     run.log_metrics(
         {"loss_gap": outcome.val_loss - outcome.train_loss, "best_val_loss": outcome.best_val_loss},

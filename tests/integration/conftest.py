@@ -57,16 +57,14 @@ class Server:
         )
 
     def cli(self, *args: str, authenticated: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Run `nanosweep ARGS` against the server; stdout and stderr together in .stdout."""
-        return subprocess.run(
-            [*NANOSWEEP, *args],
-            cwd=self.workdir,
-            env=self.env(authenticated),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-        )
+        """Run `nanosweep ARGS` against the server to the end; stdout and stderr together in .stdout."""
+        proc = self.popen(*args, authenticated=authenticated)
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout)
 
     def client(self) -> MlflowClient:
         # the credentials are read from the environment at each request

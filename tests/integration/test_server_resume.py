@@ -8,6 +8,8 @@ import signal
 
 import pytest
 
+from nanosweep.sweep import process_alive
+
 from .server_checks import (
     missing_or_doubled,
     not_finished,
@@ -20,14 +22,6 @@ from .server_checks import (
 )
 
 pytestmark = pytest.mark.server
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_rerun_resumes_trials_killed_by_sigkill_from_their_checkpoints(server, tmp_path) -> None:
@@ -52,9 +46,8 @@ def test_rerun_resumes_trials_killed_by_sigkill_from_their_checkpoints(server, t
     _, before = sweep_runs(client, experiment_id)
     stale = [r for r in before if r.info.status == "RUNNING"]
     assert stale, "the kill left no trial RUNNING: nothing to resume"
-    # the killed trials were orphans until init reaped them; a rerun takes a live pid for a busy run
-    pids = [int(r.data.tags["nanosweep.pid"]) for r in stale]
-    wait_until(lambda: not any(alive(pid) for pid in pids), 60, "end of the killed trial processes")
+    # the kernel takes a moment to end the killed trials; until then a rerun would see them busy
+    wait_until(lambda: not any(process_alive(r.data.tags) for r in stale), 60, "end of the killed trial processes")
 
     rerun = server.cli(*sweep_command(sweeps_dir, name))
     assert rerun.returncode == 0, rerun.stdout
