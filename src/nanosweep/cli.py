@@ -58,6 +58,12 @@ input_option = click.option(
 tracking_uri_option = click.option(
     "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 )
+sweeps_dir_option = click.option(
+    "--sweeps-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder of member YAML files (default: NANOSWEEP_SWEEPS_DIR, ./sweeps, else the checkout's sweeps/)",
+)
 experiment_option = click.option(
     "--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name"
 )
@@ -115,12 +121,7 @@ def train_command(
     "--workers", type=int, default=0, show_default=True, help="trials at once; 0 = one per GPU slot, or 1 on CPU"
 )
 @click.option("--trials-per-gpu", type=int, default=1, show_default=True, help="pack this many small trials per GPU")
-@click.option(
-    "--sweeps-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="folder of member YAML files (default: ./sweeps, else the project's)",
-)
+@sweeps_dir_option
 @click.option("--dry-run", is_flag=True, help="show what would run, resume or be skipped, and stop")
 @input_option
 @tracking_uri_option
@@ -244,7 +245,11 @@ def sample_command(
     from nanosweep.sampling import SampleSettings, format_samples, generate_texts
 
     if prompt.startswith("FILE:"):
-        prompt = Path(prompt[5:]).read_text(encoding="utf-8")
+        try:
+            prompt = Path(prompt[5:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            message = f"prompt file {prompt[5:]!r} cannot be read ({exc.strerror}): pass FILE:<readable path>"
+            raise click.ClickException(message) from None
     connect(tracking_uri)
     run_id, name = find_run(experiment, name_or_id)
     model, vocab = load_run_model(run_id, device)
@@ -255,12 +260,7 @@ def sample_command(
 @main.command("import-results")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--member", default=None, help="member (default: from the folder name nanoGPT_results_vijay_<member>)")
-@click.option(
-    "--sweeps-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="member files (default: NANOSWEEP_SWEEPS_DIR, ./sweeps, or the checkout's sweeps/)",
-)
+@sweeps_dir_option
 @input_option
 @tracking_uri_option
 @experiment_option
