@@ -51,6 +51,7 @@ def tiny_config(**changes: object) -> TrainConfig:
         num_samples=2,
         max_new_tokens=40,
         seed=1,
+        device="cpu",  # the tests compare against CPU results; tests marked gpu ask for cuda
     )
     base.update(changes)
     return TrainConfig(**base)

@@ -20,7 +20,7 @@ fixed: {block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, batch_size: 8}
 grid:
   max_iters: [%s, 20]
   dropout: [0.0, 0.1]
-overrides: {eval_interval: %s, eval_iters: 2, gradient_accumulation_steps: 1, log_interval: 5, warmup_iters: 10,
+overrides: {device: cpu, eval_interval: %s, eval_iters: 2, gradient_accumulation_steps: 1, log_interval: 5, warmup_iters: 10,
             num_samples: 1, max_new_tokens: 20}
 """
 
@@ -47,6 +47,12 @@ def study_runs(kind: str = "trial") -> list:
     client = MlflowClient()
     experiment = client.get_experiment_by_name("nanosweep")
     return client.search_runs([experiment.experiment_id], f"tags.run_kind = '{kind}'") if experiment else []
+
+
+def wait_until_started(proc: subprocess.Popen) -> None:
+    """Read the sweep's output up to its first progress line: the store exists then (no creation race with it)."""
+    while "grid points" not in (line := proc.stdout.readline()):
+        assert line, "the sweep ended before it started"
 
 
 def wait_for(predicate, timeout: float = 300.0, every: float = 0.1):
@@ -88,6 +94,7 @@ def test_sweep_nests_tagged_children_under_one_parent_and_a_rerun_skips_them_all
 def test_sigkill_of_the_whole_sweep_then_rerun_resumes_the_cut_off_run_from_its_checkpoint(store, sweeps_dir):
     (sweeps_dir / "tiny.yaml").write_text(TINY_MEMBER % (400, 50))  # the first point trains long enough to kill
     proc = sweep(sweeps_dir, start_new_session=True)  # its own process group, like a terminal job
+    wait_until_started(proc)
 
     def cut_off_run():
         runs = [r for r in study_runs() if r.info.status == "RUNNING"]
@@ -120,7 +127,8 @@ def test_sigkill_of_the_whole_sweep_then_rerun_resumes_the_cut_off_run_from_its_
         expected = list(range(0, 400, every)) + ([400] if key == "val_loss" else [])
         assert sorted(steps) == expected  # no gap and no duplicate across the kill
     log = [a.path for a in client.list_artifacts(victim.info.run_id, "logs")]
-    assert log == [f"logs/{victim.info.run_name}.log"]
+    fused_group = resumed.data.tags["fused_group"]  # the log of the process that trained it last
+    assert log == [f"logs/{fused_group}.log"] and fused_group.startswith(second_parent.info.run_id[:8])
     trial_log = Path(client.download_artifacts(victim.info.run_id, log[0])).read_text()
     assert "FINISHED" in trial_log
 
@@ -135,7 +143,7 @@ def test_two_workers_on_a_new_sqlite_store_finish_without_lock_errors(store, swe
 
 def test_a_trial_that_dies_fails_alone_and_the_sweep_exits_non_zero_naming_it(store, sweeps_dir):
     (sweeps_dir / "tiny.yaml").write_text(TINY_MEMBER % (400, 50))
-    proc = sweep(sweeps_dir)
+    proc = sweep(sweeps_dir, "--fuse", "1")  # a process per trial: a crash takes only its own run
 
     def first_trial_pid():
         runs = [r for r in study_runs() if r.data.tags.get("grid_position") == "1" and "nanosweep.pid" in r.data.tags]

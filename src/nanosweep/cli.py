@@ -114,13 +114,54 @@ def train_command(
     click.echo(f"{cfg.run_name}: run {run_id} FINISHED")
 
 
+@main.command("train-group")
+@click.option(
+    "--trial",
+    "trials",
+    multiple=True,
+    required=True,
+    metavar="JSON",
+    help='one run: {"run_id": ..., "config": {TrainConfig fields}}; all of one architecture and batch size',
+)
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="a tag for every run (sweeps name the group)")
+@input_option
+@tracking_uri_option
+@user_errors
+def train_group_command(
+    trials: tuple[str, ...], tags: tuple[str, ...], input_path: str | None, tracking_uri: str | None
+) -> None:
+    """Train existing runs fused in one process, each ending on its own (what a sweep launches per group)."""
+    from nanosweep.trial import Interrupted, parse_trial_spec, run_group
+
+    specs = [parse_trial_spec(text) for text in trials]
+    bad = [t for t in tags if "=" not in t]
+    if bad:
+        raise click.ClickException(f"--tag {bad[0]!r} is not allowed: give KEY=VALUE")
+    connect(tracking_uri)
+    try:
+        code = run_group(specs, dict(t.split("=", 1) for t in tags), input_path)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): unfinished runs ended KILLED", err=True)
+        sys.exit(130)
+    sys.exit(code)
+
+
 @main.command("sweep")
 @click.option("--member", required=True, help="a member of sweeps/ (e.g. deep_large), or all")
 @click.option("--profile", default="full", show_default=True, help="full (the study's recipe) or quick (CPU-sized)")
 @click.option(
     "--workers", type=int, default=0, show_default=True, help="trials at once; 0 = one per GPU slot, or 1 on CPU"
 )
-@click.option("--trials-per-gpu", type=int, default=1, show_default=True, help="pack this many small trials per GPU")
+@click.option(
+    "--trials-per-gpu", type=int, default=1, show_default=True, help="processes (fused groups) sharing each GPU"
+)
+@click.option(
+    "--fuse",
+    default="auto",
+    show_default=True,
+    help="at most N trials of one architecture train fused in one process; 1 = a process per trial; "
+    "auto = every fusable trial on CUDA, the benchmarked size on CPU",
+)
 @sweeps_dir_option
 @click.option("--dry-run", is_flag=True, help="show what would run, resume or be skipped, and stop")
 @input_option
@@ -132,6 +173,7 @@ def sweep_command(
     profile: str,
     workers: int,
     trials_per_gpu: int,
+    fuse: str,
     sweeps_dir: Path | None,
     dry_run: bool,
     input_path: str | None,
@@ -148,9 +190,19 @@ def sweep_command(
         raise click.ClickException(
             f"workers={workers}, trials_per_gpu={trials_per_gpu} are not allowed: workers >= 0, trials_per_gpu >= 1"
         )
+    if not (fuse == "auto" or (fuse.isdigit() and int(fuse) >= 1)):
+        raise click.ClickException(f"fuse={fuse!r} is not allowed: use auto or a positive integer")
     connect(tracking_uri)
     opts = SweepOptions(
-        member, profile, workers, trials_per_gpu, experiment, sweeps_dir or default_sweeps_dir(), input_path, dry_run
+        member,
+        profile,
+        workers,
+        trials_per_gpu,
+        0 if fuse == "auto" else int(fuse),
+        experiment,
+        sweeps_dir or default_sweeps_dir(),
+        input_path,
+        dry_run,
     )
     try:
         sys.exit(run_sweep(opts))

@@ -161,8 +161,19 @@ class Batches:
     def sample(
         self, split: str, n: int, block_size: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """n random windows of block_size+1 characters: inputs and next-character targets."""
+        """n random windows of block_size+1 characters: inputs and next-character targets.
+
+        The start positions are drawn by a CPU generator, so a run draws the same batches on any device
+        and its checkpointed generator state resumes on CPU or GPU alike.
+        """
         ids = self.splits[split]
-        starts = torch.randint(len(ids) - block_size, (n,), generator=generator, device=self.device)
+        starts = torch.randint(len(ids) - block_size, (n,), generator=generator).to(self.device, non_blocking=True)
         windows = ids[starts[:, None] + torch.arange(block_size + 1, device=self.device)]
         return windows[:, :-1], windows[:, 1:]
+
+    def sample_trials(
+        self, split: str, n: int, block_size: int, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each fused trial's own n windows, from its own generator, stacked: (K, n, block_size) twice."""
+        x, y = zip(*(self.sample(split, n, block_size, g) for g in generators))
+        return torch.stack(x), torch.stack(y)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class TrialLaunch:
-    """One trial process to start: its command, extra environment and where its output goes."""
+    """One trial process to start (a fused group of runs, or one): its command, environment and log."""
 
-    run_id: str
-    run_name: str
+    run_ids: tuple[str, ...]  # the MLflow runs it trains
+    name: str
     argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)

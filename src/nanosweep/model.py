@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 
@@ -35,7 +37,39 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        # x (K, B, T, C), weight (K, C): one gain per trial
+        x = F.layer_norm(x, x.shape[-1:], eps=1e-5) * self.weight[:, None, None, :]
+        return x if self.bias is None else x + self.bias[:, None, None, :]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Trial k's x (K, B, T, in) times its own weight (K, out, in): one batched matmul for all trials."""
+    return torch.bmm(x.flatten(1, -2), weight.mT).unflatten(1, x.shape[1:-1])
+
+
+def dropout_runs(rates: tuple[float, ...], training: bool) -> list[tuple[int, int, float]]:
+    """(first, end, rate) for each run of neighbouring trials that share a dropout rate; one run when all do.
+
+    A kernel's dropout probability is one number, so trials with different rates need separate calls
+    (the sweep orders a fused group by dropout, so this is one or two calls).
+    """
+    if not training:
+        return [(0, len(rates), 0.0)]
+    runs: list[tuple[int, int, float]] = []
+    for k, rate in enumerate(rates):
+        if runs and runs[-1][2] == rate:
+            runs[-1] = (runs[-1][0], k + 1, rate)
+        else:
+            runs.append((k, k + 1, rate))
+    return runs
+
+
+def dropout(x: torch.Tensor, rates: tuple[float, ...], training: bool) -> torch.Tensor:
+    """Dropout on x (K, ...) at each trial's own rate."""
+    runs = dropout_runs(rates, training)
+    if len(runs) == 1:
+        return F.dropout(x, runs[0][2], training=training) if runs[0][2] else x
+    return torch.cat([F.dropout(x[a:b], rate, training=True) for a, b, rate in runs])
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,31 +78,36 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
-        self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # fused kernel (flash / memory-efficient on CUDA); attention dropout only while training
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+    def forward(self, x: torch.Tensor, rates: tuple[float, ...]) -> torch.Tensor:
+        K, B, T, C = x.size()
+        q, k, v = linear(x, self.c_attn.weight).split(C, dim=-1)
+        # (K, B, T, C) -> (K, B, nh, T, hs): heads become a batch dimension
+        q, k, v = (t.reshape(K, B, T, self.n_head, C // self.n_head).transpose(2, 3) for t in (q, k, v))
+
+        def attend(a: int, b: int, rate: float) -> torch.Tensor:
+            # trials a..b and their sequences fold into the batch of one fused kernel (flash on CUDA)
+            y = F.scaled_dot_product_attention(
+                q[a:b].flatten(0, 1), k[a:b].flatten(0, 1), v[a:b].flatten(0, 1), dropout_p=rate, is_causal=True
+            )
+            return y.unflatten(0, (b - a, B))
+
+        runs = dropout_runs(rates, self.training)
+        y = torch.cat([attend(*run) for run in runs]) if len(runs) > 1 else attend(*runs[0])
+        y = y.transpose(2, 3).reshape(K, B, T, C)
+        return dropout(linear(y, self.c_proj.weight), rates, self.training)
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+    def forward(self, x: torch.Tensor, rates: tuple[float, ...]) -> torch.Tensor:
+        hidden = F.gelu(linear(x, self.c_fc.weight))
+        return dropout(linear(hidden, self.c_proj.weight), rates, self.training)
 
 
 class Block(nn.Module):
@@ -79,12 +118,18 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # pre-norm residual stream
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, rates: tuple[float, ...]) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rates)  # pre-norm residual stream
+        return x + self.mlp(self.ln_2(x), rates)
 
 
 class GPT(nn.Module):
+    """nanoGPT's GPT. Its forward runs K trials at once (see `fused_forward`); one model is a stack of one.
+
+    The parameters keep nanoGPT's names, shapes and init, so a model is a nanoGPT model for checkpoints,
+    optimizers and samplers. The computation always carries a leading trial dimension K.
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -92,7 +137,6 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=LayerNorm(config.n_embd, bias=config.bias),
             )
@@ -116,20 +160,32 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, rates: tuple[float, ...] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        T = idx.size(1)
+        """idx (B, T): nanoGPT's interface, logits and the mean loss of this model.
+
+        idx (K, B, T): K trials at once, every parameter stacked (K, ...) by `fused_forward`, which also
+        passes each trial's dropout rate; returns logits (K, B, T, vocab) and each trial's mean loss (K,).
+        """
+        if idx.dim() == 2:  # one model is a stack of one trial
+            logits, loss = fused_forward([self], idx[None], None if targets is None else targets[None])
+            return logits[0], None if loss is None else loss[0]
+        K, B, T = idx.size()
         assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        rates = rates or (self.config.dropout,) * K
+        wte = self.transformer.wte.weight  # (K, vocab, C)
+        # trial k's ids index rows k*vocab... of the stacked tables: one embedding lookup for all trials
+        offsets = torch.arange(K, device=idx.device)[:, None, None] * wte.size(1)
+        x = F.embedding(idx + offsets, wte.flatten(0, 1)) + self.transformer.wpe.weight[:, None, :T]
+        x = dropout(x, rates, self.training)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, rates)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # generation needs only the last position
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+            return linear(x[:, :, [-1], :], wte), None  # generation needs only the last position
+        logits = linear(x, wte)  # the head, tied to the token embedding
+        losses = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none")
+        return logits, losses.view(K, -1).mean(1)
 
     def configure_optimizer(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
@@ -163,3 +219,22 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx = torch.cat((idx, torch.multinomial(probs, num_samples=1, generator=generator)), dim=1)
         return idx
+
+
+def fused_forward(
+    models: Sequence[GPT], idx: torch.Tensor, targets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run K models of one architecture as one stacked model: idx (K, B, T) -> logits, per-trial losses (K,).
+
+    Each parameter is stacked along a new leading trial dimension (differentiably: gradients flow back
+    to every model's own tensors, so each keeps its own optimizer), and the matmuls run batched.
+    """
+    first = models[0]
+    names = [name for name, _ in first.named_parameters()]
+    if len(models) == 1:
+        stacked = {name: p[None] for name, p in first.named_parameters()}
+    else:
+        per_model = [dict(m.named_parameters()) for m in models]
+        stacked = {name: torch.stack([params[name] for params in per_model]) for name in names}
+    rates = tuple(m.config.dropout for m in models)
+    return functional_call(first, stacked, (idx, targets, rates), tie_weights=True, strict=True)

@@ -27,6 +27,7 @@ from nanosweep.executors import Executor, LocalProcessPool, TrialExit, TrialLaun
 from nanosweep.grid import GridPoint, expand, load_members
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
+    FUSED_GROUP_TAG,
     HOST_TAG,
     MEMBER_TAG,
     PARENT_RUN_TAG,
@@ -38,9 +39,14 @@ from nanosweep.tracking import (
     run_experiment_id,
     search_runs,
 )
-from nanosweep.trial import Interrupted, check_fits
+from nanosweep.train import fusion_key
+from nanosweep.trial import Interrupted, check_fits, trial_spec
 
 STOP_GRACE_SECONDS = 60.0  # a trial needs this long at most to flush its logging and end KILLED
+# --fuse auto on CPU: trials per group. Measured in bench/README.md (bench_fused.py): on a 2-core CPU a
+# fused group of 4 trains ... (see there); on CUDA a group takes every trial of its fusion key.
+CPU_AUTO_FUSE = 4
+CUDA_AUTO_FUSE = 64
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,8 @@ class SweepOptions:
     member: str  # a member name or "all"
     profile: str = "full"
     workers: int = 0  # 0: every GPU slot, or one trial at a time on CPU
-    trials_per_gpu: int = 1
+    trials_per_gpu: int = 1  # processes (fused groups) sharing each GPU
+    fuse: int = 0  # at most this many trials per fused group; 0: auto (fuse_limit)
     experiment: str = "nanosweep"
     sweeps_dir: Path = Path("sweeps")
     input_path: str | None = None
@@ -162,11 +169,45 @@ def plan(points: list[GridPoint], experiment_id: str) -> list[PlannedTrial]:
     return plans
 
 
-def trial_argv(run_id: str, point: GridPoint) -> list[str]:
-    """The trial's command: `nanosweep train` into its run, every config field spelled out."""
-    argv = [sys.executable, "-m", "nanosweep", "train", "--run-id", run_id]
-    for key, value in point.config.to_dict().items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+def fuse_limit(fuse: int, cuda: bool) -> int:
+    """Trials per fused group: --fuse N, or for auto what the benchmarks chose for this kind of device.
+
+    On CUDA memory is not the limit it seems: a group splits each step into as many passes as its memory
+    needs (train.sequences_per_pass), so auto groups every trial that can fuse.
+    """
+    if fuse:
+        return fuse
+    return CUDA_AUTO_FUSE if cuda else CPU_AUTO_FUSE
+
+
+def fused_groups(plans: list[PlannedTrial], limit: int) -> list[list[PlannedTrial]]:
+    """The launching trials in groups of at most limit that share a fusion key, in global id order.
+
+    Within a key, trials are ordered by dropout so that trials of one rate sit together (fewer kernel calls).
+    """
+    by_key: dict[tuple, list[PlannedTrial]] = {}
+    for planned in plans:
+        if planned.launches:
+            by_key.setdefault(fusion_key(planned.point.config), []).append(planned)
+    groups = []
+    for members in by_key.values():
+        members.sort(key=lambda p: (p.point.config.dropout, p.point.global_id, p.point.config.seed))
+        groups += [members[i : i + limit] for i in range(0, len(members), limit)]
+    return sorted(groups, key=lambda group: min(p.point.global_id for p in group))
+
+
+def group_name(group: list[PlannedTrial], parent_run_id: str, index: int) -> str:
+    """The fused_group tag: which sweep, which group, which architecture, e.g. 3f2a9c1e-g002-b64_L4_H4_E128_BS8."""
+    cfg = group[0].point.config
+    arch = f"b{cfg.block_size}_L{cfg.n_layer}_H{cfg.n_head}_E{cfg.n_embd}_BS{cfg.batch_size}"
+    return f"{parent_run_id[:8]}-g{index:03d}-{arch}"
+
+
+def group_argv(group: list[PlannedTrial], name: str) -> list[str]:
+    """The group's command: `nanosweep train-group`, every run with its whole config."""
+    argv = [sys.executable, "-m", "nanosweep", "train-group", "--tag", f"{FUSED_GROUP_TAG}={name}"]
+    for planned in group:
+        argv += ["--trial", trial_spec(planned.point.config, planned.run_id)]
     return argv
 
 
@@ -197,47 +238,56 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progress) -> None:
-    """Record a trial's end; a process that died without ending its run (OOM, SIGKILL) fails it here."""
-    planned = by_run[exit.launch.run_id]
-    run = TrackedRun(exit.launch.run_id)
-    info = run.info()
-    if info.info.status == "RUNNING":
-        lines = exit.launch.log_path.read_text(errors="replace").strip().splitlines()
-        run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
+    """Record a group's end; runs its process left RUNNING (OOM, SIGKILL) fail here."""
+    lines = exit.launch.log_path.read_text(errors="replace").strip().splitlines()
+    for run_id in exit.launch.run_ids:
+        planned = by_run[run_id]
+        run = TrackedRun(run_id)
         info = run.info()
-    run.log_file(exit.launch.log_path, "logs")
-    planned.status, planned.seconds = info.info.status, exit.seconds
-    planned.val_loss = info.data.metrics.get("val_loss")
-    progress.running -= 1
-    event = f"{planned.point.config.run_name} {planned.status} in {exit.seconds:.1f}s"
-    if planned.status == "FINISHED":
-        progress.done += 1
-        progress.durations.append(exit.seconds)
-    else:
-        progress.failed += 1
-        event += f": {info.data.tags.get('nanosweep.end_reason', 'no reason recorded')}"
-    progress.report(event)
+        if info.info.status == "RUNNING":
+            run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
+            info = run.info()
+        run.log_file(exit.launch.log_path, "logs")
+        planned.status, planned.seconds = info.info.status, exit.seconds
+        planned.val_loss = info.data.metrics.get("val_loss")
+        progress.running -= 1
+        event = f"{planned.point.config.run_name} {planned.status} in {exit.seconds:.1f}s"
+        if planned.status == "FINISHED":
+            progress.done += 1
+            progress.durations.append(exit.seconds / len(exit.launch.run_ids))  # a fused trial's share
+        else:
+            progress.failed += 1
+            event += f": {info.data.tags.get('nanosweep.end_reason', 'no reason recorded')}"
+        progress.report(event)
 
 
 def _drive(
-    plans: list[PlannedTrial], executor: Executor, experiment_id: str, parent_id: str, progress: Progress, log_dir: Path
+    groups: list[list[PlannedTrial]],
+    executor: Executor,
+    experiment_id: str,
+    parent_id: str,
+    progress: Progress,
+    log_dir: Path,
 ) -> None:
-    queue = deque(p for p in plans if p.launches)
+    queue = deque(enumerate(groups, start=1))
     by_run: dict[str, PlannedTrial] = {}
     while queue or executor.running():
         while queue and len(executor.running()) < executor.capacity:
-            planned = queue.popleft()
-            if planned.run_id is None:
-                planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
-            else:  # a resumed run moves under the sweep that finishes it
-                TrackedRun(planned.run_id).set_tags({PARENT_RUN_TAG: parent_id})
-            by_run[planned.run_id] = planned
-            name = planned.point.config.run_name
-            executor.start(
-                TrialLaunch(planned.run_id, name, trial_argv(planned.run_id, planned.point), log_dir / f"{name}.log")
+            index, group = queue.popleft()
+            for planned in group:
+                if planned.run_id is None:
+                    planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
+                else:  # a resumed run moves under the sweep that finishes it
+                    TrackedRun(planned.run_id).set_tags({PARENT_RUN_TAG: parent_id})
+                by_run[planned.run_id] = planned
+            name = group_name(group, parent_id, index)
+            run_ids = tuple(p.run_id for p in group)
+            executor.start(TrialLaunch(run_ids, name, group_argv(group, name), log_dir / f"{name}.log"))
+            progress.running += len(group)
+            members = ", ".join(
+                f"{p.point.config.run_name} ({p.action}{', ' + p.note if p.note else ''})" for p in group
             )
-            progress.running += 1
-            progress.report(f"{name} started ({planned.action}{', ' + planned.note if planned.note else ''})")
+            progress.report(f"{name} started: {members}" if len(group) > 1 else f"{members} started")
         for exit in executor.wait(timeout=1.0):
             _collect(exit, by_run, progress)
 
@@ -282,22 +332,25 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
             "profile": opts.profile,
             "workers": opts.workers,
             "trials_per_gpu": opts.trials_per_gpu,
+            "fuse": opts.fuse or "auto",
             "grid_points": len(points),
         }
     )
     gpus = list(range(torch.cuda.device_count()))
     slots, threads = plan_slots(opts.workers, gpus, opts.trials_per_gpu, os.cpu_count() or 1)
     executor = LocalProcessPool(slots, threads)
+    groups = fused_groups(plans, fuse_limit(opts.fuse, bool(gpus)))
     progress = Progress(len(plans), executor.capacity, stream)
     progress.skipped = sum(not p.launches for p in plans)
     where = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {threads} thread(s) per trial"
-    progress.report(f"{name}: {len(plans)} grid points, {executor.capacity} at a time on {where}")
+    fused = f" in {len(groups)} fused group(s)" if len(groups) < sum(p.launches for p in plans) else ""
+    progress.report(f"{name}: {len(plans)} grid points{fused}, {executor.capacity} at a time on {where}")
 
     log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
     previous = signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     try:
-        _drive(plans, executor, experiment_id, parent.run_id, progress, log_dir)
+        _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir)
     except (Interrupted, KeyboardInterrupt) as exc:
         reason = exc.args[0] if exc.args else "SIGINT"
         stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")

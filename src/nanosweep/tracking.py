@@ -34,6 +34,7 @@ CONFIG_HASH_TAG = "config_hash"  # TrainConfig.config_hash: equal hashes train t
 RUN_KIND_TAG = "run_kind"  # trial, sweep, analysis or imported
 HOST_TAG = "nanosweep.host"  # machine of the process training the run
 PID_TAG = "nanosweep.pid"  # its process id: a RUNNING run whose process is gone was killed
+FUSED_GROUP_TAG = "fused_group"  # runs with the same value trained together as one stacked model
 
 
 class TrackingError(RuntimeError):

@@ -1,13 +1,16 @@
 """The training loop, read top to bottom: evaluate/checkpoint, step, log, stop.
 
-It knows nothing of MLflow: everything it reports goes to a RunObserver, which the
-tracking module implements (and a benchmark can replace with a timer).
+One loop trains K trials of one architecture at once (K = 1 for a single run): each keeps its own
+model, optimizer, batches, schedule and checkpoints, while their forward and backward passes run
+as one stacked model (model.fused_forward). It knows nothing of MLflow: everything it reports goes
+to each trial's RunObserver, which the tracking module implements (a benchmark can use a timer).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,7 +20,7 @@ import torch
 from nanosweep.checkpoint import make_checkpoint
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import Batches
-from nanosweep.model import GPT, GPTConfig
+from nanosweep.model import GPT, GPTConfig, fused_forward
 
 
 class RunObserver(Protocol):
@@ -37,7 +40,7 @@ class Hardware:
 
 
 def resolve_hardware(cfg: TrainConfig) -> Hardware:
-    """cuda when present (bf16, else fp16 with a grad scaler), cpu in fp32; refuse what isn't here."""
+    """cuda when present (bf16 where native, else fp16 with a grad scaler), cpu in fp32; refuse what isn't here."""
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,7 +51,9 @@ def resolve_hardware(cfg: TrainConfig) -> Hardware:
     device = torch.device(name)
     if cfg.dtype == "auto":
         if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # emulated bf16 (pre-Ampere) is slower than fp16 with loss scaling
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            dtype = torch.bfloat16 if native_bf16 else torch.float16
         else:
             dtype = torch.float32
     else:
@@ -73,7 +78,7 @@ def learning_rate(it: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
-    torch.manual_seed(cfg.seed)  # the weights depend on the seed alone
+    torch.manual_seed(cfg.seed)  # the weights depend on the seed alone, fused or not
     return GPT(GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout))
 
 
@@ -85,29 +90,236 @@ class TrainOutcome:
     best_val_loss: float
 
 
+class Diverged(RuntimeError):
+    """A trial's loss became NaN or infinite: its run ends FAILED, its fused siblings go on."""
+
+
+@dataclass
+class Trial:
+    """One configuration to train: its fresh model (from build_model), observer and checkpoint to resume from."""
+
+    cfg: TrainConfig
+    model: GPT
+    observer: RunObserver
+    resume_from: dict[str, Any] | None = None
+
+
+def fusion_key(cfg: TrainConfig) -> tuple:
+    """Trials with equal keys can train fused: same architecture, same batch shape, same evaluation size."""
+    return (
+        cfg.block_size,
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.batch_size,
+        cfg.gradient_accumulation_steps,
+        cfg.eval_iters,
+        cfg.device,
+        cfg.dtype,
+    )
+
+
+class _Running:
+    """A trial inside the loop: its optimizer, scaler, batch generator, iteration and last evaluation."""
+
+    def __init__(self, trial: Trial, hw: Hardware):
+        cfg, model = trial.cfg, trial.model
+        self.cfg, self.model, self.observer = cfg, model.to(hw.device), trial.observer
+        self.optimizer = model.configure_optimizer(
+            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), hw.device.type
+        )
+        # fp16 needs loss scaling against underflow; bf16 and fp32 do not. One scaler per trial: an
+        # overflow in one trial skips that trial's step only
+        self.scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.dtype == torch.float16)
+        # batches are drawn on the CPU, so the stream (and a checkpoint's state of it) is the same on any device
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.iter_num, self.best_val_loss = 0, float("inf")
+        self.losses = {"train": math.nan, "val": math.nan}
+        self.resumed_at: int | None = None
+        if trial.resume_from is not None:
+            ckpt = trial.resume_from
+            model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if "scaler" in ckpt and self.scaler.is_enabled():
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+            self.losses, self.resumed_at = ckpt["eval_losses"], ckpt["iter_num"]
+            self.generator.set_state(ckpt["rng"]["batches"])
+        self.t0, self.iters_since_log = time.perf_counter(), 0
+
+    @property
+    def eval_due(self) -> bool:
+        """Evaluate at 0, every eval_interval and at max_iters; a resume point was evaluated before the kill."""
+        cfg, it = self.cfg, self.iter_num
+        return (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != self.resumed_at
+
+    def checkpoint(self, hw: Hardware) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "batches": self.generator.get_state()}
+        if hw.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(hw.device)
+        ckpt = make_checkpoint(
+            self.model, self.optimizer, self.iter_num, self.best_val_loss, self.cfg, rng, self.losses
+        )
+        if self.scaler.is_enabled():
+            ckpt["scaler"] = self.scaler.state_dict()
+        return ckpt
+
+    def outcome(self) -> TrainOutcome:
+        return TrainOutcome(self.iter_num, self.losses["train"], self.losses["val"], self.best_val_loss)
+
+
+def _restore_global_rng(trials: list[Trial], hw: Hardware) -> None:
+    """Dropout draws from the global RNG: continue it from the first resumed checkpoint (exact for one trial)."""
+    resumed = [t.resume_from for t in trials if t.resume_from is not None]
+    if resumed:
+        rng = resumed[0]["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and hw.device.type == "cuda":  # a run moved between CPU and GPU keeps its batches only
+            torch.cuda.set_rng_state(rng["cuda"], hw.device)
+
+
+def sequences_per_pass(cfg: TrainConfig, n_trials: int, hw: Hardware) -> int:
+    """How many of an iteration's sequences go through one forward/backward: an execution choice, not maths.
+
+    The recipe's batch is gradient_accumulation_steps x batch_size sequences, the loss their mean. On CPU
+    the recipe's micro-batches are as fast as one big pass (bench/README.md); on a GPU tiny passes leave
+    it idle, so as many sequences as memory holds go at once (halved on an out-of-memory error).
+    """
+    total = cfg.gradient_accumulation_steps * cfg.batch_size
+    if hw.device.type != "cuda":
+        return cfg.batch_size
+    free, _ = torch.cuda.mem_get_info(hw.device)
+    # activations kept for backward, per token and layer, about 34 x n_embd values (Korthikanti et al. 2022,
+    # flash attention keeps no T x T scores), plus fp32 logits and their gradient; doubled for safety
+    bytes_per_sequence = cfg.block_size * (cfg.n_layer * 34 * cfg.n_embd * 2 + 3 * 4 * 65) * 2
+    fit = max(1, int(free * 0.7 // (bytes_per_sequence * n_trials)))
+    return max(d for d in range(1, total + 1) if total % d == 0 and d <= fit)
+
+
 @torch.no_grad()
-def estimate_loss(model: GPT, batches: Batches, cfg: TrainConfig, it: int, autocast: Any) -> dict[str, float]:
-    """Mean loss over eval_iters random batches per split, in eval mode (no dropout)."""
-    # its own generator, seeded by the iteration: evaluation never shifts the training batches
-    generator = torch.Generator(batches.device).manual_seed(cfg.seed * 1_000_003 + it)
-    model.eval()
-    out = {}
+def estimate_losses(trials: list[_Running], batches: Batches, autocast: Any, per_pass: int) -> list[dict[str, float]]:
+    """Each trial's mean loss over eval_iters random batches per split, in eval mode (no dropout)."""
+    cfg = trials[0].cfg  # batch_size, block_size and eval_iters are equal in a fused group
+    # their own generators, seeded by the iteration: evaluation never shifts the training batches
+    generators = [torch.Generator().manual_seed(t.cfg.seed * 1_000_003 + t.iter_num) for t in trials]
+    models = [t.model for t in trials]
+    for model in models:
+        model.eval()
+    out: list[dict[str, float]] = [{} for _ in trials]
+    n = cfg.eval_iters * cfg.batch_size
     for split in ("train", "val"):
-        losses = torch.zeros(cfg.eval_iters, device=batches.device)
-        for k in range(cfg.eval_iters):
-            x, y = batches.sample(split, cfg.batch_size, cfg.block_size, generator)
+        x, y = batches.sample_trials(split, n, cfg.block_size, generators)
+        total = torch.zeros(len(trials), device=batches.device)
+        for a in range(0, n, per_pass):
             with autocast:
-                losses[k] = model(x, y)[1]
-        out[split] = losses.mean().item()  # one CPU-GPU sync per split
-    model.train()
+                total += fused_forward(models, x[:, a : a + per_pass], y[:, a : a + per_pass])[1] * min(per_pass, n - a)
+        for k, mean in enumerate((total / n).tolist()):  # one CPU-GPU sync per split
+            out[k][split] = mean
+    for model in models:
+        model.train()
     return out
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state(), "batches": generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def train_fused(
+    trials: list[Trial],
+    batches: Batches,
+    hw: Hardware,
+    ended: Callable[[Trial, TrainOutcome | Diverged], None],
+) -> None:
+    """Train trials of one fusion_key together, each to its own max_iters; `ended` hears of each as it stops.
+
+    Everything but the forward/backward pass is per trial: init, batches, dropout rate, schedule, AdamW,
+    clipping, evaluations, checkpoints. A finished or diverged trial leaves the stack; the rest go on.
+    """
+    assert len({fusion_key(t.cfg) for t in trials}) == 1, "fused trials must share fusion_key"
+    active = [_Running(t, hw) for t in trials]
+    origin = {id(r): t for r, t in zip(active, trials)}
+    _restore_global_rng(trials, hw)
+    autocast = nullcontext() if hw.dtype == torch.float32 else torch.autocast(hw.device.type, dtype=hw.dtype)
+    cfg = trials[0].cfg
+    total = cfg.gradient_accumulation_steps * cfg.batch_size  # the recipe's batch, per trial
+    per_pass = sequences_per_pass(cfg, len(trials), hw)
+
+    def end(run: _Running, result: TrainOutcome | Diverged) -> None:
+        active.remove(run)
+        run.model.zero_grad(set_to_none=True)
+        ended(origin[id(run)], result)
+
+    while active:
+        # evaluate and checkpoint the trials whose iteration calls for it
+        due = [r for r in active if r.eval_due]
+        for run, losses in zip(due, estimate_losses(due, batches, autocast, per_pass) if due else []):
+            run.losses = losses
+            run.best_val_loss = min(run.best_val_loss, losses["val"])
+            run.observer.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, step=run.iter_num)
+            if not math.isfinite(losses["train"] + losses["val"]):
+                end(run, Diverged(f"evaluation loss is {losses['val']} at iteration {run.iter_num}"))
+                continue
+            if run.iter_num > 0:
+                run.observer.log_checkpoint(run.checkpoint(hw))
+            run.t0, run.iters_since_log = time.perf_counter(), 0  # throughput excludes evaluation
+        for run in [r for r in active if r.iter_num >= r.cfg.max_iters]:
+            end(run, run.outcome())
+        if not active:
+            break
+
+        # one optimizer step per trial over its whole batch, in passes of per_pass sequences
+        lrs = [learning_rate(r.iter_num, r.cfg) for r in active]
+        for run, lr in zip(active, lrs):
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+        x, y = batches.sample_trials("train", total, cfg.block_size, [r.generator for r in active])
+        models = [r.model for r in active]
+        try:
+            step_loss = _forward_backward(active, models, x, y, per_pass, autocast)
+        except torch.OutOfMemoryError:
+            if per_pass == 1:
+                raise
+            for model in models:  # drop the partial gradients and try again with half the pass
+                model.zero_grad(set_to_none=True)
+            per_pass = max(d for d in range(1, per_pass) if total % d == 0 and d <= per_pass // 2)
+            continue
+        for run in active:
+            if run.cfg.grad_clip:
+                run.scaler.unscale_(run.optimizer)
+                # each trial's own gradient norm, never one across trials
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.iters_since_log += 1
+
+        # log: .tolist() is a CPU-GPU sync point, so only when some trial logs
+        logging = [k for k, r in enumerate(active) if r.iter_num % r.cfg.log_interval == 0]
+        if logging:
+            values = step_loss.tolist()
+            for k, run, lr in [(k, active[k], lrs[k]) for k in logging]:
+                elapsed = time.perf_counter() - run.t0
+                tokens_per_sec = run.iters_since_log * run.cfg.tokens_per_iter / elapsed
+                run.observer.log_metrics(
+                    {"iter_loss": values[k], "lr": lr, "tokens_per_sec": tokens_per_sec}, step=run.iter_num
+                )
+                run.t0, run.iters_since_log = time.perf_counter(), 0
+            for k, run in [(k, r) for k, r in enumerate(list(active)) if not math.isfinite(values[k])]:
+                end(run, Diverged(f"training loss is {values[k]} at iteration {run.iter_num}"))
+        for run in active:
+            run.iter_num += 1
+
+
+def _forward_backward(
+    active: list[_Running], models: list[GPT], x: torch.Tensor, y: torch.Tensor, per_pass: int, autocast: Any
+) -> torch.Tensor:
+    """Accumulate every trial's gradient of its mean loss over the batch; return those losses (K,)."""
+    total = x.size(1)
+    step_loss = torch.zeros(len(active), device=x.device)
+    for a in range(0, total, per_pass):
+        with autocast:
+            _, loss = fused_forward(models, x[:, a : a + per_pass], y[:, a : a + per_pass])
+            loss = loss * (min(per_pass, total - a) / total)  # a pass's share of the mean over the batch
+        # the trials' parameters are disjoint, so the gradient of the sum is each trial's own gradient
+        sum(run.scaler.scale(loss[k]) for k, run in enumerate(active)).backward()
+        step_loss += loss.detach().float()
+    return step_loss
 
 
 def train(
@@ -116,69 +328,16 @@ def train(
     batches: Batches,
     observer: RunObserver,
     resume_from: dict[str, Any] | None = None,
+    hardware: Hardware | None = None,
 ) -> TrainOutcome:
-    """Train the model of cfg (fresh from build_model) to max_iters, or on from a checkpoint of the same config."""
-    hw = resolve_hardware(cfg)
-    model.to(hw.device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), hw.device.type)
-    # fp16 needs loss scaling against underflow; bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.dtype == torch.float16)
-    autocast = nullcontext() if hw.dtype == torch.float32 else torch.autocast(hw.device.type, dtype=hw.dtype)
-    generator = torch.Generator(hw.device).manual_seed(cfg.seed)
-    iter_num, best_val_loss, losses = 0, float("inf"), {"train": math.nan, "val": math.nan}
-    if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        iter_num, best_val_loss = resume_from["iter_num"], resume_from["best_val_loss"]
-        losses = resume_from["eval_losses"]
-        rng = resume_from["rng"]
-        torch.set_rng_state(rng["torch"])
-        generator.set_state(rng["batches"])
-        if "cuda" in rng and hw.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], hw.device)
-    resumed_at = iter_num if resume_from is not None else None
-    model.train()
-    micro = cfg.batch_size
-    t0, iters_since_log = time.perf_counter(), 0
-    while True:
-        # evaluate and checkpoint (the resume point was evaluated before the kill)
-        if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters) and iter_num != resumed_at:
-            losses = estimate_loss(model, batches, cfg, iter_num, autocast)
-            best_val_loss = min(best_val_loss, losses["val"])
-            observer.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, step=iter_num)
-            if iter_num > 0:
-                rng = _rng_state(generator, hw.device)
-                observer.log_checkpoint(make_checkpoint(model, optimizer, iter_num, best_val_loss, cfg, rng, losses))
-            t0, iters_since_log = time.perf_counter(), 0  # throughput excludes evaluation
-        if iter_num >= cfg.max_iters:
-            break
-
-        # one optimizer step over gradient_accumulation_steps micro-batches, drawn in one gather
-        lr = learning_rate(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = batches.sample("train", cfg.gradient_accumulation_steps * micro, cfg.block_size, generator)
-        for m in range(cfg.gradient_accumulation_steps):
-            with autocast:
-                _, loss = model(x[m * micro : (m + 1) * micro], y[m * micro : (m + 1) * micro])
-                loss = loss / cfg.gradient_accumulation_steps  # the mean over micro-batches
-            scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iters_since_log += 1
-
-        # log: .item() is a CPU-GPU sync point, so only every log_interval
-        if iter_num % cfg.log_interval == 0:
-            iter_loss = loss.item() * cfg.gradient_accumulation_steps
-            elapsed = time.perf_counter() - t0
-            observer.log_metrics(
-                {"iter_loss": iter_loss, "lr": lr, "tokens_per_sec": iters_since_log * cfg.tokens_per_iter / elapsed},
-                step=iter_num,
-            )
-            t0, iters_since_log = time.perf_counter(), 0
-        iter_num += 1
-    return TrainOutcome(iter_num, losses["train"], losses["val"], best_val_loss)
+    """Train one model (fresh from build_model) to max_iters, or on from a checkpoint of the same config."""
+    results: list[TrainOutcome | Diverged] = []
+    train_fused(
+        [Trial(cfg, model, observer, resume_from)],
+        batches,
+        hardware or resolve_hardware(cfg),
+        lambda _, r: results.append(r),
+    )
+    if isinstance(results[0], Diverged):
+        raise results[0]
+    return results[0]

@@ -1,23 +1,39 @@
-"""One tracked training: config -> data -> train loop -> MLflow run, ended FINISHED, FAILED or KILLED.
+"""Tracked training: config -> data -> train loop -> MLflow run, ended FINISHED, FAILED or KILLED.
 
-`nanosweep train`, the MLproject `train` entry point and every sweep trial process run this.
+`nanosweep train`, the MLproject `train` entry point and every sweep trial process run this. One
+process trains one run, or a fused group of runs of one architecture (train.train_fused); each run
+is complete on its own: params, metric history, checkpoints, samples, loss curve.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from nanosweep import plots
 from nanosweep.config import ConfigError, TrainConfig
-from nanosweep.data import SOURCE_URL, Batches, PreparedData, prepare
+from nanosweep.data import SOURCE_URL, Batches, PreparedData, Vocab, prepare
+from nanosweep.model import GPT
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
-from nanosweep.tracking import CONFIG_HASH_TAG, HOST_TAG, PID_TAG, TrackedRun, TrackingError, ensure_experiment
-from nanosweep.train import Hardware, build_model, resolve_hardware, train
+from nanosweep.tracking import (
+    CONFIG_HASH_TAG,
+    HOST_TAG,
+    PID_TAG,
+    TrackedRun,
+    TrackingError,
+    ensure_experiment,
+)
+from nanosweep.train import Diverged, Hardware, TrainOutcome, Trial, build_model, resolve_hardware, train_fused
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Interrupted(BaseException):
@@ -28,6 +44,16 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT while a run is being ended, so a second signal cannot leave it RUNNING."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def check_fits(cfg: TrainConfig, prepared: PreparedData) -> None:
     """A block needs block_size+1 consecutive characters of the (shorter) validation split."""
     val_chars = prepared.val_bin.stat().st_size // 2
@@ -35,6 +61,172 @@ def check_fits(cfg: TrainConfig, prepared: PreparedData) -> None:
         raise ConfigError(
             f"block_size={cfg.block_size} is longer than the validation split: it must be below {val_chars}"
         )
+
+
+def check_resumable(cfg: TrainConfig, run: TrackedRun) -> None:
+    """An existing run may take cfg's training unless it holds another config or is FINISHED."""
+    info = run.info()
+    recorded = info.data.tags.get(CONFIG_HASH_TAG)
+    if recorded not in (None, cfg.config_hash):
+        raise TrackingError(
+            f"run {run.run_id} was trained with config hash {recorded}, not {cfg.run_name}'s {cfg.config_hash}: "
+            "start a new run instead of resuming this one"
+        )
+    if info.info.status == "FINISHED":
+        raise TrackingError(f"run {run.run_id} is FINISHED: a finished run is never trained again; start a new run")
+
+
+@dataclass
+class RunRecorder:
+    """One trial's MLflow run as the training loop's observer, and what is logged at its start and end."""
+
+    cfg: TrainConfig
+    run: TrackedRun
+    ended: str = ""  # FINISHED, FAILED or KILLED once the run is ended
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log_metrics(metrics, step)
+
+    def log_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run.log_checkpoint(checkpoint)
+
+    def start(
+        self, model: GPT, hardware: Hardware, prepared: PreparedData, batches: Batches, tags: dict[str, str]
+    ) -> None:
+        """Tags, params, dataset, vocabulary and nanoGPT config file: everything known before training."""
+        cfg, vocab = self.cfg, prepared.vocab()
+        # host and pid let a later sweep tell a live RUNNING run from one whose process was killed
+        self.run.set_tags(
+            {
+                "mlflow.runName": cfg.run_name,
+                CONFIG_HASH_TAG: cfg.config_hash,
+                HOST_TAG: socket.gethostname(),
+                PID_TAG: os.getpid(),
+                **tags,
+            }
+        )
+        self.run.log_params(
+            {
+                **cfg.to_dict(),
+                "total_params": model.total_params(),
+                "tokens_per_iter": cfg.tokens_per_iter,
+                "train_device": str(hardware.device),
+                "train_dtype": hardware.dtype_name,
+            }
+        )
+        split_sizes = {f"{split}_tokens": len(ids) for split, ids in batches.splits.items()}
+        self.run.log_dataset("tinyshakespeare", prepared.digest, SOURCE_URL, {**split_sizes, "vocab_size": vocab.size})
+        self.run.log_text(vocab.to_json(), "vocab.json")
+        self.run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
+
+    def finish_trained(self, outcome: TrainOutcome, model: GPT, vocab: Vocab) -> None:
+        """Final metrics, samples and loss curve, then FINISHED (FAILED if any of it cannot be stored)."""
+        from nanosweep import plots  # matplotlib only once a run has trained, never at start-up
+
+        cfg, run = self.cfg, self.run
+        run.log_metrics(
+            {"loss_gap": outcome.val_loss - outcome.train_loss, "best_val_loss": outcome.best_val_loss},
+            step=outcome.iter_num,
+        )
+        settings = SampleSettings(
+            num_samples=cfg.num_samples,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            seed=cfg.sample_seed,
+        )
+        if cfg.num_samples:
+            run.log_text(format_samples(generate_texts(model, vocab, settings)), f"samples/{cfg.run_name}.txt")
+        run.flush_and_wait()
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / "loss_curve.png"
+            history = [run.metric_history(key) for key in ("iter_loss", "train_loss", "val_loss")]
+            plots.loss_curve(cfg.run_name, *history, png)
+            run.log_file(png)
+        self.end("FINISHED")
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        if not self.ended:
+            self.ended = status
+            self.run.finish(status, reason)
+
+
+def train_runs(
+    specs: list[tuple[TrainConfig, TrackedRun]], prepared: PreparedData, hardware: Hardware, tags: dict[str, str]
+) -> dict[str, str]:
+    """Train runs of one architecture fused in this process; each run ends on its own. Returns run id -> status.
+
+    SIGTERM/SIGINT end every unfinished run KILLED (then re-raise); any other error ends them FAILED.
+    """
+    vocab = prepared.vocab()
+    batches = Batches(prepared, hardware.device)
+    recorders = [RunRecorder(cfg, run) for cfg, run in specs]
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        trials = []
+        for recorder in recorders:
+            model = build_model(recorder.cfg, vocab.size)
+            recorder.start(model, hardware, prepared, batches, tags)
+            trials.append(Trial(recorder.cfg, model, recorder, recorder.run.download_checkpoint()))
+
+        def ended(trial: Trial, result: TrainOutcome | Diverged) -> None:
+            recorder = trial.observer
+            with signals_deferred():
+                if isinstance(result, Diverged):
+                    recorder.end("FAILED", f"Diverged: {result}")
+                else:
+                    try:
+                        recorder.finish_trained(result, trial.model, vocab)
+                    except Exception as exc:  # its siblings go on; this run's end says why
+                        recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
+
+        train_fused(trials, batches, hardware, ended)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        with signals_deferred():
+            for recorder in recorders:
+                recorder.end("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
+        raise
+    except BaseException as exc:
+        with signals_deferred():
+            for recorder in recorders:
+                recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return {recorder.run.run_id: recorder.ended for recorder in recorders}
+
+
+def trial_spec(cfg: TrainConfig, run_id: str) -> str:
+    """One run of a group as the JSON argument of `nanosweep train-group --trial`."""
+    return json.dumps({"run_id": run_id, "config": cfg.to_dict()}, sort_keys=True)
+
+
+def parse_trial_spec(text: str) -> tuple[TrainConfig, str]:
+    """The (config, run id) of a --trial argument; a malformed one is a ConfigError naming it."""
+    try:
+        spec = json.loads(text)
+        return TrainConfig(**spec["config"]), str(spec["run_id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f'--trial {text[:80]!r} is not allowed: give JSON {{"run_id": ..., "config": {{TrainConfig fields}}}}'
+        ) from None
+
+
+def run_group(specs: list[tuple[TrainConfig, str]], tags: dict[str, str], input_path: str | None = None) -> int:
+    """Train existing runs (a sweep's fused group) in this process; 0 when all FINISHED, else 1."""
+    prepared = prepare(input_path)
+    for cfg, _ in specs:
+        check_fits(cfg, prepared)
+    hardware = resolve_hardware(specs[0][0])  # one device and dtype for the group: part of its fusion key
+    runs = [(cfg, TrackedRun(run_id)) for cfg, run_id in specs]
+    for cfg, run in runs:  # every run is checked before any is touched
+        check_resumable(cfg, run)
+    for _, run in runs:
+        run.mark_running()
+    statuses = train_runs(runs, prepared, hardware, tags)
+    return 0 if set(statuses.values()) == {"FINISHED"} else 1
 
 
 def run_trial(
@@ -53,84 +245,12 @@ def run_trial(
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         run = TrackedRun(run_id)
-        info = run.info()
-        recorded = info.data.tags.get(CONFIG_HASH_TAG)
-        if recorded not in (None, cfg.config_hash):
-            raise TrackingError(
-                f"run {run_id} was trained with config hash {recorded}, not {cfg.run_name}'s {cfg.config_hash}: "
-                "start a new run instead of resuming this one"
-            )
-        if info.info.status == "FINISHED":
-            raise TrackingError(f"run {run_id} is FINISHED: a finished run is never trained again; start a new run")
+        check_resumable(cfg, run)
         run.mark_running()
     else:
         run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags or {}, parent_run_id)
-
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        _train_into(run, cfg, prepared, hardware)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        run.finish("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
-        raise
-    except BaseException as exc:
-        run.finish("FAILED", f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    run.finish("FINISHED")
+    status = train_runs([(cfg, run)], prepared, hardware, {})[run.run_id]
+    if status != "FINISHED":
+        reason = run.info().data.tags.get("nanosweep.end_reason", "")
+        raise TrackingError(f"run {run.run_id} ({cfg.run_name}) ended {status}: {reason}")
     return run.run_id
-
-
-def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardware: Hardware) -> None:
-    vocab = prepared.vocab()
-    model = build_model(cfg, vocab.size)
-    # host and pid let a later sweep tell a live RUNNING run from one whose process was killed
-    run.set_tags(
-        {
-            "mlflow.runName": cfg.run_name,
-            CONFIG_HASH_TAG: cfg.config_hash,
-            HOST_TAG: socket.gethostname(),
-            PID_TAG: os.getpid(),
-        }
-    )
-    run.log_params(
-        {
-            **cfg.to_dict(),
-            "total_params": model.total_params(),
-            "tokens_per_iter": cfg.tokens_per_iter,
-            "train_device": str(hardware.device),
-            "train_dtype": hardware.dtype_name,
-        }
-    )
-    batches = Batches(prepared, hardware.device)
-    split_sizes = {f"{split}_tokens": len(ids) for split, ids in batches.splits.items()}
-    run.log_dataset("tinyshakespeare", prepared.digest, SOURCE_URL, {**split_sizes, "vocab_size": vocab.size})
-    run.log_text(vocab.to_json(), "vocab.json")
-    run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
-
-    outcome = train(cfg, model, batches, run, resume_from=run.download_checkpoint())
-
-    run.log_metrics(
-        {"loss_gap": outcome.val_loss - outcome.train_loss, "best_val_loss": outcome.best_val_loss},
-        step=outcome.iter_num,
-    )
-    sample_settings = SampleSettings(
-        num_samples=cfg.num_samples,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        seed=cfg.sample_seed,
-    )
-    if cfg.num_samples:
-        run.log_text(format_samples(generate_texts(model, vocab, sample_settings)), f"samples/{cfg.run_name}.txt")
-    run.flush_and_wait()
-    with tempfile.TemporaryDirectory() as tmp:
-        png = Path(tmp) / "loss_curve.png"
-        plots.loss_curve(
-            cfg.run_name,
-            run.metric_history("iter_loss"),
-            run.metric_history("train_loss"),
-            run.metric_history("val_loss"),
-            png,
-        )
-        run.log_file(png)

@@ -1,0 +1,138 @@
+"""Fused training: K trials of one architecture as one stacked model, each still its own training and run."""
+
+import copy
+import math
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import tiny_config
+from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
+from nanosweep.config import TrainConfig
+from nanosweep.data import Batches
+from nanosweep.model import fused_forward
+from nanosweep.sampling import SampleSettings, generate_texts
+from nanosweep.tracking import TrackedRun, ensure_experiment
+from nanosweep.train import Trial, build_model, resolve_hardware, train, train_fused
+from nanosweep.trial import run_group, run_trial
+
+
+class Recorder:
+    """A RunObserver that keeps what the loop reports, in memory."""
+
+    def __init__(self):
+        self.metrics: dict[str, dict[int, float]] = {}
+        self.checkpoints: dict[int, dict] = {}
+
+    def log_metrics(self, metrics, step):
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, {})[step] = value
+
+    def log_checkpoint(self, checkpoint):
+        self.checkpoints[checkpoint["iter_num"]] = copy.deepcopy(checkpoint)
+
+
+def fused(configs: list[TrainConfig], prepared) -> tuple[list[Recorder], dict]:
+    """Train configs as one fused group on CPU; the recorders and what each trial ended with."""
+    recorders = [Recorder() for _ in configs]
+    trials = [Trial(cfg, build_model(cfg, 65), rec) for cfg, rec in zip(configs, recorders)]
+    ended = {}
+    batches = Batches(prepared, torch.device("cpu"))
+    train_fused(trials, batches, resolve_hardware(configs[0]), lambda t, r: ended.__setitem__(t.cfg.seed, r))
+    return recorders, ended
+
+
+def alone(cfg: TrainConfig, prepared) -> Recorder:
+    recorder = Recorder()
+    train(cfg, build_model(cfg, 65), Batches(prepared, torch.device("cpu")), recorder)
+    return recorder
+
+
+# trials that differ in everything but the fusion key: seed, schedule, length, optimizer, clipping
+GROUP = [
+    tiny_config(dropout=0.0, seed=1, max_iters=20),
+    tiny_config(dropout=0.0, seed=2, max_iters=10, learning_rate=1e-3, eval_interval=5),
+    tiny_config(dropout=0.0, seed=3, max_iters=20, weight_decay=0.0, beta2=0.99, grad_clip=0.05, warmup_iters=0),
+]
+
+
+def test_fused_trials_give_the_same_evaluations_as_each_trial_trained_alone(prepared):
+    recorders, ended = fused(GROUP, prepared)
+    for cfg, rec in zip(GROUP, recorders):
+        solo = alone(cfg, prepared)
+        assert sorted(rec.metrics["val_loss"]) == sorted(solo.metrics["val_loss"])
+        for key in ("train_loss", "val_loss"):
+            for step, value in solo.metrics[key].items():
+                assert rec.metrics[key][step] == pytest.approx(value, abs=1e-4), (cfg.seed, key, step)
+        assert ended[cfg.seed].iter_num == cfg.max_iters  # each stops at its own max_iters
+    # the short trial finished first, evaluated at its own max_iters, and left the group
+    assert sorted(recorders[1].metrics["val_loss"]) == [0, 5, 10]
+
+
+def test_a_fused_trials_initial_weights_equal_the_same_trial_built_alone():
+    first, second = build_model(GROUP[0], 65), build_model(GROUP[1], 65)
+    again = build_model(GROUP[1], 65)
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), again.state_dict().values()))
+    idx = torch.randint(65, (2, 3, 32))
+    logits, _ = fused_forward([first, second], idx)
+    assert torch.allclose(logits[1], second(idx[1])[0], atol=1e-5)
+
+
+def test_fused_training_with_dropout_is_deterministic_for_its_seeds(prepared):
+    group = [tiny_config(dropout=0.1, seed=1), tiny_config(dropout=0.2, seed=2), tiny_config(dropout=0.0, seed=3)]
+    first, _ = fused(group, prepared)
+    second, _ = fused(group, prepared)
+    for a, b in zip(first, second):
+        assert [a.metrics[k] for k in ("train_loss", "val_loss", "iter_loss")] == [
+            b.metrics[k] for k in ("train_loss", "val_loss", "iter_loss")
+        ]
+    assert first[0].metrics["val_loss"][20] != first[1].metrics["val_loss"][20]
+
+
+def test_a_diverging_trial_ends_failed_alone_and_its_siblings_finish(store):
+    experiment = ensure_experiment("nanosweep")
+    good, bad = tiny_config(seed=1), tiny_config(seed=2, learning_rate=1e30, grad_clip=0.0)
+    runs = [(cfg, TrackedRun.create(experiment, cfg.run_name, {})) for cfg in (good, bad)]
+    code = run_group([(cfg, run.run_id) for cfg, run in runs], {"fused_group": "g1"})
+    assert code == 1
+    good_run, bad_run = (run.info() for _, run in runs)
+    assert good_run.info.status == "FINISHED"
+    assert bad_run.info.status == "FAILED"
+    assert bad_run.data.tags["nanosweep.end_reason"].startswith("Diverged: ")
+    assert good_run.data.tags["fused_group"] == bad_run.data.tags["fused_group"] == "g1"
+    assert good_run.data.metrics["val_loss"] < math.log(65)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_a_fused_trials_run_holds_what_a_single_run_holds_and_its_checkpoint_loads_alone(store, prepared):
+    client = MlflowClient()
+    single = client.get_run(run_trial(tiny_config(seed=9), "nanosweep"))
+    experiment = ensure_experiment("nanosweep")
+    configs = [tiny_config(seed=1), tiny_config(seed=2, dropout=0.2)]
+    runs = [TrackedRun.create(experiment, cfg.run_name, {}) for cfg in configs]
+    assert run_group([(cfg, run.run_id) for cfg, run in zip(configs, runs)], {"fused_group": "g"}) == 0
+    for cfg, run in zip(configs, runs):
+        info = client.get_run(run.run_id)
+        assert info.info.status == "FINISHED"
+        assert set(info.data.params) == set(single.data.params)
+        assert set(info.data.metrics) == set(single.data.metrics)
+        for key in ("train_loss", "val_loss", "iter_loss"):
+            assert [m.step for m in client.get_metric_history(run.run_id, key)] == [
+                m.step for m in client.get_metric_history(single.info.run_id, key)
+            ]
+        rename = {p.replace(single.info.run_name, cfg.run_name) for p in artifact_paths(client, single.info.run_id)}
+        assert artifact_paths(client, run.run_id) == rename
+    ckpt = load_checkpoint(client.download_artifacts(runs[1].run_id, "ckpt.pt"))
+    assert ckpt["config"]["seed"] == 2 and ckpt["model_args"]["dropout"] == 0.2
+    assert len(ckpt["optimizer"]["param_groups"]) == 2  # its own AdamW state, nanoGPT's layout
+    assert all(t.dim() <= 2 for t in ckpt["model"].values())  # a slice of the group: no trial dimension
+    model = model_from_checkpoint(ckpt)  # a fresh single GPT
+    [text] = generate_texts(model, prepared.vocab(), SampleSettings(prompt="ROMEO:", num_samples=1, max_new_tokens=30))
+    assert text.startswith("ROMEO:") and len(text) == 36
