@@ -20,8 +20,8 @@ fixed: {block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, batch_size: 8}
 grid:
   max_iters: [%s, 20]
   dropout: [0.0, 0.1]
-overrides: {device: cpu, eval_interval: %s, eval_iters: 2, gradient_accumulation_steps: 1, log_interval: 5, warmup_iters: 10,
-            num_samples: 1, max_new_tokens: 20}
+overrides: {device: cpu, eval_interval: %s, eval_iters: 2, gradient_accumulation_steps: 1, log_interval: 5,
+            warmup_iters: 10, num_samples: 1, max_new_tokens: 20}
 """
 
 

@@ -14,10 +14,9 @@ import click
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import DataError, prepare
-from nanosweep.importer import StudyFormatError
 from nanosweep.tracking import DEFAULT_EXPERIMENT, TrackingError, connect
 
-USER_ERRORS = (ConfigError, DataError, TrackingError, StudyFormatError)
+USER_ERRORS = (ConfigError, DataError, TrackingError)  # importer.StudyFormatError is a ConfigError
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,6 +16,7 @@ import torch
 
 from nanosweep.analysis import STUDY_HEADER
 from nanosweep.checkpoint import load_checkpoint
+from nanosweep.config import ConfigError
 from nanosweep.data import Vocab
 from nanosweep.grid import GridPoint, expand, load_members
 from nanosweep.query import finished_runs
@@ -31,7 +32,7 @@ IMPORTED_FROM_TAG = "nanosweep.imported_from"
 PROFILE = "full"  # the study ran nanoGPT's recipe unchanged
 
 
-class StudyFormatError(ValueError):
+class StudyFormatError(ConfigError):
     """A study folder or its results.csv is malformed; the message names the file, line and value."""
 
 

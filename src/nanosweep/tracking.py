@@ -112,6 +112,7 @@ class TrackedRun:
         self._upload_error: BaseException | None = None
         self._scratch = tempfile.TemporaryDirectory(prefix="nanosweep-")
         self._last_step: dict[str, int] | None = None  # read on the first metric logged
+        self._monitor: Any = None  # system metrics, for runs on a GPU
 
     def _steps_logged(self) -> dict[str, int]:
         """The last step of each metric already in the run (a resumed run): no step is logged twice."""
@@ -136,6 +137,13 @@ class TrackedRun:
 
     def info(self) -> Any:
         return self.client.get_run(self.run_id)
+
+    def monitor_system(self) -> None:
+        """Log MLflow's system metrics (GPU utilisation and memory, CPU, ...) every 10 s until the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
+        self._monitor.start()
 
     def mark_running(self) -> None:
         """A resumed run is RUNNING again (it was KILLED, or left RUNNING by a killed process)."""
@@ -247,6 +255,8 @@ class TrackedRun:
     def finish(self, status: str, reason: str | None = None) -> None:
         """Flush everything, then end the run FINISHED, FAILED or KILLED (with the reason as a tag)."""
         try:
+            if self._monitor is not None:
+                self._monitor.finish()
             self.flush_and_wait()
         finally:
             if reason:

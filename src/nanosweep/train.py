@@ -119,7 +119,7 @@ def fusion_key(cfg: TrainConfig) -> tuple:
     )
 
 
-class _Running:
+class RunningTrial:
     """A trial inside the loop: its optimizer, scaler, batch generator, iteration and last evaluation."""
 
     def __init__(self, trial: Trial, hw: Hardware):
@@ -197,7 +197,9 @@ def sequences_per_pass(cfg: TrainConfig, n_trials: int, hw: Hardware) -> int:
 
 
 @torch.no_grad()
-def estimate_losses(trials: list[_Running], batches: Batches, autocast: Any, per_pass: int) -> list[dict[str, float]]:
+def estimate_losses(
+    trials: list[RunningTrial], batches: Batches, autocast: Any, per_pass: int
+) -> list[dict[str, float]]:
     """Each trial's mean loss over eval_iters random batches per split, in eval mode (no dropout)."""
     cfg = trials[0].cfg  # batch_size, block_size and eval_iters are equal in a fused group
     # their own generators, seeded by the iteration: evaluation never shifts the training batches
@@ -232,7 +234,7 @@ def train_fused(
     clipping, evaluations, checkpoints. A finished or diverged trial leaves the stack; the rest go on.
     """
     assert len({fusion_key(t.cfg) for t in trials}) == 1, "fused trials must share fusion_key"
-    active = [_Running(t, hw) for t in trials]
+    active = [RunningTrial(t, hw) for t in trials]
     origin = {id(r): t for r, t in zip(active, trials)}
     _restore_global_rng(trials, hw)
     autocast = nullcontext() if hw.dtype == torch.float32 else torch.autocast(hw.device.type, dtype=hw.dtype)
@@ -240,7 +242,7 @@ def train_fused(
     total = cfg.gradient_accumulation_steps * cfg.batch_size  # the recipe's batch, per trial
     per_pass = sequences_per_pass(cfg, len(trials), hw)
 
-    def end(run: _Running, result: TrainOutcome | Diverged) -> None:
+    def end(run: RunningTrial, result: TrainOutcome | Diverged) -> None:
         active.remove(run)
         run.model.zero_grad(set_to_none=True)
         ended(origin[id(run)], result)
@@ -307,7 +309,7 @@ def train_fused(
 
 
 def _forward_backward(
-    active: list[_Running], models: list[GPT], x: torch.Tensor, y: torch.Tensor, per_pass: int, autocast: Any
+    active: list[RunningTrial], models: list[GPT], x: torch.Tensor, y: torch.Tensor, per_pass: int, autocast: Any
 ) -> torch.Tensor:
     """Accumulate every trial's gradient of its mean loss over the batch; return those losses (K,)."""
     total = x.size(1)

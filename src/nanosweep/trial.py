@@ -118,6 +118,8 @@ class RunRecorder:
         self.run.log_dataset("tinyshakespeare", prepared.digest, SOURCE_URL, {**split_sizes, "vocab_size": vocab.size})
         self.run.log_text(vocab.to_json(), "vocab.json")
         self.run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
+        if hardware.device.type == "cuda":
+            self.run.monitor_system()
 
     def finish_trained(self, outcome: TrainOutcome, model: GPT, vocab: Vocab) -> None:
         """Final metrics, samples and loss curve, then FINISHED (FAILED if any of it cannot be stored)."""
