@@ -15,8 +15,17 @@ from types import FrameType
 from nanosweep import plots
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import SOURCE_URL, Batches, PreparedData, prepare
+from nanosweep.progress import ProgressObserver
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
-from nanosweep.tracking import CONFIG_HASH_TAG, HOST_TAG, PID_TAG, TrackedRun, TrackingError, ensure_experiment
+from nanosweep.tracking import (
+    CONFIG_HASH_TAG,
+    HOST_TAG,
+    PID_TAG,
+    RUN_KIND_TAG,
+    TrackedRun,
+    TrackingError,
+    ensure_experiment,
+)
 from nanosweep.train import Hardware, build_model, resolve_hardware, train
 
 
@@ -24,7 +33,13 @@ class Interrupted(BaseException):
     """SIGTERM (or SIGINT) reached a trial: the run ends KILLED, its last checkpoint kept for resuming."""
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def interrupt_once(signum: int, _frame: FrameType | None) -> None:
+    """The first SIGINT or SIGTERM interrupts; later ones are ignored so they cannot cut the run's ending short."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     raise Interrupted(signal.Signals(signum).name)
 
 
@@ -63,22 +78,36 @@ def run_trial(
         if info.info.status == "FINISHED":
             raise TrackingError(f"run {run_id} is FINISHED: a finished run is never trained again; start a new run")
         run.mark_running()
+        if RUN_KIND_TAG not in info.data.tags:  # the run `mlflow run . -e train` made
+            run.set_tags({RUN_KIND_TAG: "train"})
     else:
-        run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags or {}, parent_run_id)
+        run = TrackedRun.create(
+            ensure_experiment(experiment), cfg.run_name, {RUN_KIND_TAG: "train", **(tags or {})}, parent_run_id
+        )
 
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
     try:
         _train_into(run, cfg, prepared, hardware)
+        _end(run, "FINISHED")
     except (Interrupted, KeyboardInterrupt) as exc:
-        run.finish("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
+        _end(run, "KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
         raise
     except BaseException as exc:
-        run.finish("FAILED", f"{type(exc).__name__}: {exc}")
+        _end(run, "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    run.finish("FINISHED")
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
     return run.run_id
+
+
+def _end(run: TrackedRun, status: str, reason: str | None = None) -> None:
+    """End the run; a stop signal arriving now (Ctrl-C, then the sweep's SIGTERM) must not cut the ending short."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    if run.ended:
+        return  # a failed final flush already ended it FAILED
+    run.finish(status, reason)
 
 
 def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardware: Hardware) -> None:
@@ -108,7 +137,9 @@ def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardw
     run.log_text(vocab.to_json(), "vocab.json")
     run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
 
-    outcome = train(cfg, model, batches, run, resume_from=run.download_checkpoint())
+    checkpoint = run.download_checkpoint()
+    progress = ProgressObserver(run, cfg, start_iter=checkpoint["iter_num"] if checkpoint else 0)
+    outcome = train(cfg, model, batches, progress, resume_from=checkpoint)
 
     run.log_metrics(
         {"loss_gap": outcome.val_loss - outcome.train_loss, "best_val_loss": outcome.best_val_loss},
