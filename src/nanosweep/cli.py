@@ -15,7 +15,14 @@ import click
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import DataError, prepare
 from nanosweep.importer import StudyFormatError
-from nanosweep.tracking import DEFAULT_EXPERIMENT, TrackingError, connect, experiment_name, study_scope
+from nanosweep.tracking import (
+    DEFAULT_EXPERIMENT,
+    TrackingError,
+    chosen_experiment,
+    connect,
+    experiment_name,
+    study_scope,
+)
 
 USER_ERRORS = (ConfigError, DataError, TrackingError, StudyFormatError)
 
@@ -109,9 +116,9 @@ def train_command(
 
     cfg = TrainConfig(**fields)
     connect(tracking_uri)
-    named = study_scope(experiment).named if not run_id else None  # a new run goes there, else to the default
+    new_runs_go_to = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a train run is no grid point: no search
     try:
-        run_id = run_trial(cfg, named or DEFAULT_EXPERIMENT, run_id, parent_run_id, input_path=input_path)
+        run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path)
     except (Interrupted, KeyboardInterrupt) as exc:
         click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): run ended KILLED", err=True)
         sys.exit(130)

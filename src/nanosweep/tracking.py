@@ -164,36 +164,42 @@ class StudyScope:
         return next(iter(holders)) if holders else ensure_experiment(DEFAULT_EXPERIMENT)
 
 
+def chosen_experiment(experiment: str | None = None) -> str | None:
+    """The experiment the user named: --experiment, else MLFLOW_EXPERIMENT_NAME, else MLFLOW_EXPERIMENT_ID (not
+    under `mlflow run`, which sets it for every run it makes); None when none was named. Only an id is looked up."""
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if name or not experiment_id:
+        return name
+    try:
+        found = MlflowClient().get_experiment(experiment_id)
+    except MlflowException:
+        found = None
+    if found is None or found.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLFLOW_EXPERIMENT_ID={experiment_id!r} is not an active experiment of {mlflow.get_tracking_uri()}: "
+            "unset it or name an existing experiment"
+        )
+    return found.name
+
+
 def study_scope(experiment: str | None = None) -> StudyScope:
     """The rule for where a study lives (README, "Where a study lives"), applied once per command.
 
-    An experiment named by --experiment, else MLFLOW_EXPERIMENT_NAME, else MLFLOW_EXPERIMENT_ID (not under
-    `mlflow run`, which sets it for every run it makes) is the only one looked in; without one, every active
-    experiment is. New runs go into the experiment `mlflow run` chose, else the named one, else where the
-    member's runs already are, else `nanosweep`.
+    The experiment named (chosen_experiment) is the only one looked in; without one, every active experiment
+    is. New runs go into the experiment `mlflow run` chose, else the named one, else where the member's runs
+    already are, else `nanosweep` (StudyScope.home).
     """
     client = MlflowClient()
     attached = os.environ.get("MLFLOW_RUN_ID")
     attached_experiment = client.get_run(attached).info.experiment_id if attached else None
-    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    experiment_id = None if attached else os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if name:
-        found = client.get_experiment_by_name(name)
-        if found is not None and found.lifecycle_stage == "deleted":
-            raise TrackingError(f"experiment {name!r} is deleted: restore it in the MLflow UI or choose another name")
-        return StudyScope({found.experiment_id: name} if found else {}, name, attached_experiment)
-    if experiment_id:
-        try:
-            found = client.get_experiment(experiment_id)
-        except MlflowException:
-            found = None
-        if found is None or found.lifecycle_stage == "deleted":
-            raise TrackingError(
-                f"MLFLOW_EXPERIMENT_ID={experiment_id!r} is not an active experiment of {mlflow.get_tracking_uri()}: "
-                "unset it or name an existing experiment"
-            )
-        return StudyScope({found.experiment_id: found.name}, found.name, attached_experiment)
-    return StudyScope(active_experiments(), None, attached_experiment)
+    name = chosen_experiment(experiment)
+    if not name:
+        return StudyScope(active_experiments(), None, attached_experiment)
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingError(f"experiment {name!r} is deleted: restore it in the MLflow UI or choose another name")
+    return StudyScope({found.experiment_id: name} if found else {}, name, attached_experiment)
 
 
 class TrackedRun:
