@@ -105,13 +105,20 @@ def test_the_users_commands_without_flags_find_the_study_and_duplicate_nothing(u
     assert "has no finished" in err and "experiment 'nanosweep'" in err  # named: only there, where no trial is
 
 
-def test_a_member_spread_over_two_experiments_is_named_in_one_line(user_env):
+def test_new_runs_go_where_the_member_is_and_a_member_spread_over_two_experiments_is_named(user_env):
+    member_file = Path(user_env["NANOSWEEP_SWEEPS_DIR"]) / "tiny.yaml"
     code, _, err = done(nanosweep(user_env, "sweep", "--member", "tiny", "--experiment", "first"))
     assert code == 0, err
-    (Path(user_env["NANOSWEEP_SWEEPS_DIR"]) / "tiny.yaml").write_text(TINY_MEMBER % (15, 10))
-    code, _, err = done(nanosweep(user_env, "sweep", "--member", "tiny", "--experiment", "second"))
+    member_file.write_text(TINY_MEMBER % (15, 10))  # two new grid points, two already finished
+    code, _, err = done(nanosweep(user_env, "sweep", "--member", "tiny"))
     assert code == 0, err
-    assert len(all_runs("trial")) == 6  # the 2 points already finished in 'first' are not trained again
+    first = MlflowClient().get_experiment_by_name("first").experiment_id
+    trials = all_runs("trial")
+    assert len(trials) == 6 and {r.info.experiment_id for r in trials} == {first}
+
+    member_file.write_text(ONE_LONG_POINT % (10, 10, 5))  # the first grid point again
+    code, _, err = done(nanosweep(user_env, "sweep", "--member", "tiny", "--experiment", "second"))
+    assert code == 0, err  # named: only 'second' is looked at, so the point trains there too
 
     code, _, err = done(nanosweep(user_env, "analyze", "--member", "tiny"))
     assert (code, err.strip().splitlines()) == (
@@ -126,7 +133,9 @@ def test_a_member_spread_over_two_experiments_is_named_in_one_line(user_env):
 def test_a_cut_off_run_with_an_unreadable_checkpoint_ends_failed_and_the_point_trains_in_a_new_run(user_env):
     (Path(user_env["NANOSWEEP_SWEEPS_DIR"]) / "tiny.yaml").write_text(ONE_LONG_POINT % (300, 50, 5))
     proc = nanosweep(user_env, "sweep", "--member", "tiny", start_new_session=True)
-    victim = wait_for(lambda: next((r for r in all_runs("trial") if "nanosweep.checkpoint_iter" in r.data.tags), None))
+    victim = wait_while_running(
+        proc, lambda: next((r for r in all_runs("trial") if "nanosweep.checkpoint_iter" in r.data.tags), None)
+    )
     os.killpg(proc.pid, signal.SIGKILL)  # cut off: the run stays RUNNING with its checkpoint
     proc.communicate()
     ckpt = checkpoint_file(victim.info.run_id)
