@@ -56,6 +56,18 @@ def done(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def wait_while_running(proc: subprocess.Popen, predicate, timeout: float = 300.0):
+    """wait_for(predicate), refused at once with the process's output when the process ends first."""
+
+    def check():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the process ended with {proc.returncode} first:\n{out}{err}")
+        return predicate()
+
+    return wait_for(check, timeout=timeout, every=0.5)
+
+
 def all_runs(kind: str | None = None) -> list:
     """Every run of every experiment (optionally of one run_kind)."""
     client = MlflowClient()
@@ -159,7 +171,7 @@ def test_a_cut_off_run_with_an_unreadable_checkpoint_ends_failed_and_the_point_t
 def test_ctrl_c_to_the_sweeps_process_group_leaves_no_run_running_and_keeps_the_checkpoints(user_env):
     (Path(user_env["NANOSWEEP_SWEEPS_DIR"]) / "tiny.yaml").write_text(TINY_MEMBER % (400, 50))
     proc = nanosweep(user_env, "sweep", "--member", "tiny", "--workers", "2", start_new_session=True)
-    wait_for(lambda: sum("nanosweep.checkpoint_iter" in r.data.tags for r in all_runs("trial")) >= 1)
+    wait_while_running(proc, lambda: any("nanosweep.checkpoint_iter" in r.data.tags for r in all_runs("trial")))
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends: the sweep and every trial at once
     code, _, err = done(proc, timeout=120)
     assert code == 130, err
@@ -209,7 +221,7 @@ def test_metrics_of_a_running_trial_reach_the_store_before_its_first_checkpoint(
             runs = [r for r in all_runs("trial") if r.info.status == "RUNNING"]
             return next((r for r in runs if {"val_loss", "iter_loss"} <= set(r.data.metrics)), None)
 
-        run = wait_for(live_metrics, timeout=120, every=0.5)
+        run = wait_while_running(proc, live_metrics, timeout=120)
         assert "nanosweep.checkpoint_iter" not in run.data.tags
         assert not [a for a in client.list_artifacts(run.info.run_id) if a.path == "ckpt.pt"]
     finally:
