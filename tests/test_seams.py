@@ -1,11 +1,14 @@
 """The user's commands one after another, as real processes on a SQLite store: where a study lives, any run
 by name, progress, and nothing half-done after a fault (issue 9)."""
 
+import fcntl
 import os
 import pty
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -232,11 +235,12 @@ def test_metrics_of_a_running_trial_reach_the_store_before_its_first_checkpoint(
 
 def test_train_on_a_terminal_shows_a_progress_bar(user_env):
     primary, replica = pty.openpty()
+    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal window's size
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanosweep", "train", *TRAIN_ARGS],
         stdout=subprocess.DEVNULL,
         stderr=replica,
-        env={**user_env, "COLUMNS": "200"},
+        env=user_env,
     )
     os.close(replica)
     output = b""
