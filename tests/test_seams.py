@@ -226,6 +226,8 @@ def test_metrics_of_a_running_trial_reach_the_store_before_its_first_checkpoint(
 
         run = wait_while_running(proc, live_metrics, timeout=120)
         assert "nanosweep.checkpoint_iter" not in run.data.tags
+        # seconds after training began, not once 500 points had piled up (about iteration 8300 here)
+        assert max(m.step for m in client.get_metric_history(run.info.run_id, "iter_loss")) < 5000
         assert not [a for a in client.list_artifacts(run.info.run_id) if a.path == "ckpt.pt"]
     finally:
         os.killpg(proc.pid, signal.SIGINT)
