@@ -117,7 +117,7 @@ def test_the_users_commands_without_flags_find_the_study_and_duplicate_nothing(u
 
     code, out, err = done(nanosweep(user_env, "analyze", "--member", "tiny", "--experiment", "nanosweep"))
     assert code == 1
-    assert "has no finished" in err and "experiment 'nanosweep'" in err  # named: only there, where no trial is
+    assert "experiment 'nanosweep' holds no finished trial or imported runs" in err  # named: only there
 
 
 def test_new_runs_go_where_the_member_is_and_a_member_spread_over_two_experiments_is_named(user_env):
@@ -131,7 +131,7 @@ def test_new_runs_go_where_the_member_is_and_a_member_spread_over_two_experiment
     trials = all_runs("trial")
     assert len(trials) == 6 and {r.info.experiment_id for r in trials} == {first}
 
-    member_file.write_text(ONE_LONG_POINT % (10, 10, 5))  # the first grid point again
+    member_file.write_text(ONE_LONG_POINT % ("10, 20", 10, 5))  # two points of the same member
     code, _, err = done(nanosweep(user_env, "sweep", "--member", "tiny", "--experiment", "second"))
     assert code == 0, err  # named: only 'second' is looked at, so the point trains there too
 
