@@ -112,7 +112,7 @@ def phases(uri: str, root: Path) -> None:
     with staging(root / "phases") as stage:
         write_outputs(found, history, stage, "all", uri)
         lap("CSVs, 12 PNG plots, report (md + html)")
-        log_analysis_run(stage, EXPERIMENT, "all", found)
+        log_analysis_run(stage, ensure_experiment(EXPERIMENT), "all", found)
         lap("log the analysis run with its artifacts")
     every = histories(list(runs["run_id"]), ("iter_loss", "lr", "tokens_per_sec", "train_loss", "val_loss"))
     lap(f"(not needed by analyze) read all {len(every)} history points")

@@ -249,7 +249,8 @@ def test_cli_prints_tables_and_refuses_unknown_member_without_writing(study, tmp
     result = runner.invoke(main, ["analyze", "--member", "m9", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 1
     assert result.output.strip() == (
-        "Error: member='m9' has no finished quick runs in experiment 'nanosweep': choose one of m1, m2 or all"
+        "Error: member='m9' has no finished quick runs in any experiment of the tracking store: "
+        "choose one of m1, m2 or all"
     )
     assert not (tmp_path / "bad").exists()
     result = runner.invoke(main, ["analyze", "--profile", "full", "--out", str(tmp_path / "bad")])

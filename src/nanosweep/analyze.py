@@ -16,18 +16,17 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow import MlflowClient
 
 from nanosweep import plots, report
 from nanosweep.analysis import Findings, combined_csv, findings, results_csv, study_folder, table_csv
-from nanosweep.query import histories, select
+from nanosweep.query import as_scope, histories, select
 from nanosweep.tracking import (
     MEMBER_TAG,
     PROFILE_TAG,
     RUN_KIND_TAG,
+    StudyScope,
     TrackedRun,
-    ensure_experiment,
-    run_experiment_id,
+    experiment_name,
 )
 
 REPORT_TITLE = "nanosweep study report"
@@ -119,7 +118,7 @@ def write_outputs(f: Findings, history: pd.DataFrame, stage: Path, label: str, s
     (folder / "report.html").write_text(report.to_html(blocks, folder, f"{REPORT_TITLE}: {label}"), encoding="utf-8")
 
 
-def log_analysis_run(stage: Path, experiment: str, label: str, f: Findings, run_id: str | None = None) -> str:
+def log_analysis_run(stage: Path, experiment_id: str, label: str, f: Findings, run_id: str | None = None) -> str:
     """The analysis as MLflow run analysis-{member} (or into run_id, made by `mlflow run`), files as artifacts."""
     profile = str(f.runs["profile"].iloc[0])
     tags = {RUN_KIND_TAG: "analysis", MEMBER_TAG: label, PROFILE_TAG: profile}
@@ -127,7 +126,7 @@ def log_analysis_run(stage: Path, experiment: str, label: str, f: Findings, run_
         run = TrackedRun(run_id)
         run.set_tags({"mlflow.runName": f"analysis-{label}", **tags})
     else:
-        run = TrackedRun.create(ensure_experiment(experiment), f"analysis-{label}", tags)
+        run = TrackedRun.create(experiment_id, f"analysis-{label}", tags)
     try:
         run.log_params({"member": label, "profile": profile, "runs": len(f.runs), "members": ",".join(f.members)})
         run.log_metrics({"best_val_loss": float(f.runs["val_loss"].min()), "runs": len(f.runs)}, step=0)
@@ -141,18 +140,24 @@ def log_analysis_run(stage: Path, experiment: str, label: str, f: Findings, run_
     return run.run_id
 
 
-def analyze(experiment: str, member: str, profile: str, out: Path, log_run: bool = True) -> Analysis:
-    """Analyse one member (or all) of one profile from the tracking store into out, and log it as a run."""
+def analyze(where: StudyScope | str, member: str, profile: str, out: Path, log_run: bool = True) -> Analysis:
+    """Analyse one member (or all) of one profile from the tracking store into out, and log it as a run.
+
+    The analysis run goes where `mlflow run . -e analyze` made it, else beside the runs analysed
+    (the named experiment, or the one holding them all, else nanosweep).
+    """
+    scope = as_scope(where)
     attached = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run . -e analyze`: its run and experiment
-    if attached and log_run:
-        experiment = MlflowClient().get_experiment(run_experiment_id(attached)).name
-    runs = select(experiment, member, profile)
+    runs = select(scope, member, profile)
     history = histories(list(runs["run_id"]))
     f = findings(runs, history)
-    source = f"experiment `{experiment}` of `{mlflow.get_tracking_uri()}`"
+    holders = set(runs["experiment_id"])
+    names = ", ".join(f"`{experiment_name(i)}`" for i in sorted(holders))
+    source = f"experiment{'s' if len(holders) > 1 else ''} {names} of `{mlflow.get_tracking_uri()}`"
     with staging(out) as stage:
         write_outputs(f, history, stage, member, source)
-        run_id = log_analysis_run(stage, experiment, member, f, attached) if log_run else None
+        home = scope.home(holders if len(holders) == 1 else set()) if log_run else None
+        run_id = log_analysis_run(stage, home, member, f, attached) if log_run else None
         files = publish(stage, out)
     return Analysis(f, out / f"analysis-{member}", files, run_id)
 

@@ -46,17 +46,19 @@ class Transfer:
 
 def plan(runs: pd.DataFrame, out: Path) -> list[Transfer]:
     """Every checkpoint and sample file of the runs, placed as the study did: {folder}/{run}/ckpt.pt, samples/."""
+    return [t for run in runs.itertuples() for t in run_transfers(run.run_id, run.name, out / study_folder(run.member))]
+
+
+def run_transfers(run_id: str, name: str, folder: Path) -> list[Transfer]:
+    """One run's checkpoint and sample files, placed as the study did: {folder}/{name}/ckpt.pt, {folder}/samples/."""
     client = MlflowClient()
     transfers = []
-    for run in runs.itertuples():
-        folder = out / study_folder(run.member)
-        for info in client.list_artifacts(run.run_id):
-            if info.path == CHECKPOINT:
-                transfers.append(Transfer(run.run_id, info.path, folder / run.name / CHECKPOINT, info.file_size))
-        for info in client.list_artifacts(run.run_id, SAMPLES):
-            if not info.is_dir:
-                dest = folder / SAMPLES / Path(info.path).name
-                transfers.append(Transfer(run.run_id, info.path, dest, info.file_size))
+    for info in client.list_artifacts(run_id):
+        if info.path == CHECKPOINT:
+            transfers.append(Transfer(run_id, info.path, folder / name / CHECKPOINT, info.file_size))
+    for info in client.list_artifacts(run_id, SAMPLES):
+        if not info.is_dir:
+            transfers.append(Transfer(run_id, info.path, folder / SAMPLES / Path(info.path).name, info.file_size))
     return transfers
 
 
@@ -87,13 +89,21 @@ def download(
 
     progress wraps the list of files still to fetch (a progress bar on the command line).
     """
-    transfers = plan(runs, out)
+    fetched, skipped = fetch_missing(plan(runs, out), progress)
+    for member, group in runs.groupby("member", sort=False):
+        write_text_atomically(out / study_folder(member) / "results.csv", results_csv(group))
+    return fetched, skipped
+
+
+def fetch_missing(
+    transfers: list[Transfer],
+    progress: Callable[[list[Transfer]], AbstractContextManager[Iterable[Transfer]]] = nullcontext,
+) -> tuple[int, int]:
+    """Fetch the transfers not already present; (fetched, skipped)."""
     todo = [t for t in transfers if not t.present()]
     with progress(todo) as items:
         for transfer in items:
             fetch(transfer)
-    for member, group in runs.groupby("member", sort=False):
-        write_text_atomically(out / study_folder(member) / "results.csv", results_csv(group))
     return len(todo), len(transfers) - len(todo)
 
 

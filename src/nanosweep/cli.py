@@ -14,7 +14,14 @@ import click
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import DataError, prepare
-from nanosweep.tracking import DEFAULT_EXPERIMENT, TrackingError, connect
+from nanosweep.tracking import (
+    DEFAULT_EXPERIMENT,
+    TrackingError,
+    chosen_experiment,
+    connect,
+    experiment_name,
+    study_scope,
+)
 
 USER_ERRORS = (ConfigError, DataError, TrackingError)  # importer.StudyFormatError is a ConfigError
 
@@ -64,7 +71,10 @@ sweeps_dir_option = click.option(
     help="folder of member YAML files (default: NANOSWEEP_SWEEPS_DIR, ./sweeps, else the checkout's sweeps/)",
 )
 experiment_option = click.option(
-    "--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment name"
+    "--experiment",
+    default=None,
+    help="MLflow experiment (else MLFLOW_EXPERIMENT_NAME / _ID); none named: look in every experiment "
+    f"and write where the member's runs are, else {DEFAULT_EXPERIMENT!r} (README: Where a study lives)",
 )
 
 
@@ -95,7 +105,7 @@ def prepare_command(input_path: str | None) -> None:
 def train_command(
     input_path: str | None,
     tracking_uri: str | None,
-    experiment: str,
+    experiment: str | None,
     run_id: str | None,
     parent_run_id: str | None,
     **fields: Any,
@@ -105,8 +115,9 @@ def train_command(
 
     cfg = TrainConfig(**fields)
     connect(tracking_uri)
+    new_runs_go_to = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a train run is no grid point: no search
     try:
-        run_id = run_trial(cfg, experiment, run_id, parent_run_id, input_path=input_path)
+        run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path)
     except (Interrupted, KeyboardInterrupt) as exc:
         click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): run ended KILLED", err=True)
         sys.exit(130)
@@ -177,7 +188,7 @@ def sweep_command(
     dry_run: bool,
     input_path: str | None,
     tracking_uri: str | None,
-    experiment: str,
+    experiment: str | None,
 ) -> None:
     """Run a member's grid (or all): one child run per grid point under one parent run."""
     from nanosweep.grid import check_profile, default_sweeps_dir
@@ -193,15 +204,15 @@ def sweep_command(
         raise click.ClickException(f"fuse={fuse!r} is not allowed: use auto or a positive integer")
     connect(tracking_uri)
     opts = SweepOptions(
-        member,
-        profile,
-        workers,
-        trials_per_gpu,
-        0 if fuse == "auto" else int(fuse),
-        experiment,
-        sweeps_dir or default_sweeps_dir(),
-        input_path,
-        dry_run,
+        member=member,
+        profile=profile,
+        workers=workers,
+        trials_per_gpu=trials_per_gpu,
+        fuse=0 if fuse == "auto" else int(fuse),
+        experiment=experiment,
+        sweeps_dir=sweeps_dir or default_sweeps_dir(),
+        input_path=input_path,
+        dry_run=dry_run,
     )
     try:
         sys.exit(run_sweep(opts))
@@ -238,13 +249,13 @@ out_option = click.option(
 @experiment_option
 @user_errors
 def analyze_command(
-    member: str, profile: str, out: Path, log_run: bool, tracking_uri: str | None, experiment: str
+    member: str, profile: str, out: Path, log_run: bool, tracking_uri: str | None, experiment: str | None
 ) -> None:
     """Results CSVs, rankings, main effects, plots and a report from the finished runs in the store."""
     from nanosweep.analyze import analyze, summary
 
     connect(tracking_uri)
-    result = analyze(experiment, member, profile, out, log_run)
+    result = analyze(study_scope(experiment), member, profile, out, log_run)
     click.echo(summary(result.findings))
     click.echo(f"wrote {len(result.files)} files; report: {result.folder / 'report.html'}")
     if result.run_id:
@@ -254,23 +265,32 @@ def analyze_command(
 @main.command("download")
 @member_option
 @profile_option
+@click.option("--name", "name_or_id", default=None, help="one run instead, by name or id (e.g. a train run)")
 @out_option
 @tracking_uri_option
 @experiment_option
 @user_errors
-def download_command(member: str, profile: str, out: Path, tracking_uri: str | None, experiment: str) -> None:
-    """Checkpoints, samples and results.csv of a member's runs into the study's folder layout."""
-    from nanosweep.artifacts import download
-    from nanosweep.query import select
+def download_command(
+    member: str, profile: str, name_or_id: str | None, out: Path, tracking_uri: str | None, experiment: str | None
+) -> None:
+    """Checkpoints, samples and results.csv of a member's runs (or one run's) into the study's folder layout."""
+    from nanosweep.artifacts import download, fetch_missing, run_transfers
+    from nanosweep.query import find_run, select
 
     connect(tracking_uri)
-    runs = select(experiment, member, profile)
+    scope = study_scope(experiment)
 
     def progress(todo: list) -> Any:
         return click.progressbar(
             todo, label=f"downloading {len(todo)} files", item_show_func=lambda t: t.dest.name if t else None
         )
 
+    if name_or_id:
+        run_id, name = find_run(scope, name_or_id)
+        fetched, skipped = fetch_missing(run_transfers(run_id, name, out), progress)
+        click.echo(f"{name} (run {run_id}): {fetched} files downloaded, {skipped} already present, into {out}")
+        return
+    runs = select(scope, member, profile)
     fetched, skipped = download(runs, out, progress)
     click.echo(f"{len(runs)} runs: {fetched} files downloaded, {skipped} already present (same size), into {out}")
 
@@ -288,7 +308,7 @@ def download_command(member: str, profile: str, out: Path, tracking_uri: str | N
 @experiment_option
 @user_errors
 def sample_command(
-    name_or_id: str, prompt: str, device: str, tracking_uri: str | None, experiment: str, **settings: Any
+    name_or_id: str, prompt: str, device: str, tracking_uri: str | None, experiment: str | None, **settings: Any
 ) -> None:
     """Generate text from any run's checkpoint, downloaded through MLflow (nanoGPT's sampling defaults)."""
     from nanosweep.artifacts import load_run_model
@@ -302,7 +322,7 @@ def sample_command(
             message = f"prompt file {prompt[5:]!r} cannot be read ({exc.strerror}): pass FILE:<readable path>"
             raise click.ClickException(message) from None
     connect(tracking_uri)
-    run_id, name = find_run(experiment, name_or_id)
+    run_id, name = find_run(study_scope(experiment), name_or_id)
     model, vocab = load_run_model(run_id, device)
     click.echo(f"# {name} (run {run_id})", err=True)
     click.echo(format_samples(generate_texts(model, vocab, SampleSettings(prompt=prompt, **settings))), nl=False)
@@ -322,7 +342,7 @@ def import_results_command(
     sweeps_dir: Path | None,
     input_path: str | None,
     tracking_uri: str | None,
-    experiment: str,
+    experiment: str | None,
 ) -> None:
     """An existing study folder (results.csv, run folders with ckpt.pt, samples/) as MLflow runs."""
     from nanosweep.grid import default_sweeps_dir
@@ -330,29 +350,41 @@ def import_results_command(
 
     vocab = prepare(input_path).vocab()
     connect(tracking_uri)
-    result = import_study(folder, member, experiment, vocab, sweeps_dir or default_sweeps_dir())
+    result = import_study(folder, member, study_scope(experiment), vocab, sweeps_dir or default_sweeps_dir())
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(
-        f"imported {len(result.runs)} runs into experiment {experiment!r}"
+        f"imported {len(result.runs)} runs into experiment {experiment_name(result.experiment_id)!r}"
         + (f"; {len(result.skipped)} were already imported" if result.skipped else "")
     )
 
 
 @main.command("register")
-@click.option("--member", required=True, help="a member with finished runs in the store, or all (the overall best)")
+@click.option("--member", default=None, help="a member with finished runs in the store, or all (the overall best)")
+@click.option("--name", "name_or_id", default=None, help="or one run, by name or id (e.g. a train run)")
 @profile_option
-@click.option("--model-name", default=None, help="registered model name (default: nanosweep-<member>)")
+@click.option("--model-name", default=None, help="registered model name (default: nanosweep-<member or run name>)")
 @tracking_uri_option
 @experiment_option
 @user_errors
 def register_command(
-    member: str, profile: str, model_name: str | None, tracking_uri: str | None, experiment: str
+    member: str | None,
+    name_or_id: str | None,
+    profile: str,
+    model_name: str | None,
+    tracking_uri: str | None,
+    experiment: str | None,
 ) -> None:
-    """Register the member's best run (lowest validation loss) as a servable text-generation model."""
-    from nanosweep.registry import register_best
+    """Register the member's best run (lowest validation loss), or a named run, as a servable text generator."""
+    from nanosweep.registry import register_best, register_named
 
+    if (member is None) == (name_or_id is None):
+        raise click.UsageError("give exactly one of --member (its best run) and --name (that run)")
     connect(tracking_uri)
-    registered = register_best(experiment, member, profile, model_name)
+    scope = study_scope(experiment)
+    if name_or_id:
+        registered = register_named(scope, name_or_id, model_name)
+    else:
+        registered = register_best(scope, member, profile, model_name)
     click.echo(f"registered {registered.uri} from {registered.run_name} (val loss {registered.val_loss:.4f})")
     click.echo(f"serve it: mlflow models serve -m {registered.uri} --env-manager local -p 5001")

@@ -19,17 +19,19 @@ from nanosweep.checkpoint import load_checkpoint
 from nanosweep.config import ConfigError
 from nanosweep.data import Vocab
 from nanosweep.grid import GridPoint, expand, load_members
-from nanosweep.query import finished_runs
+from nanosweep.query import as_scope, finished_runs
 from nanosweep.tracking import (
     CHECKPOINT,
+    StudyScope,
     TrackedRun,
-    ensure_experiment,
 )
 from nanosweep.train import build_model
 
 STUDY_FOLDER = re.compile(r"nanoGPT_results_vijay_(?P<member>\w+)")
 IMPORTED_FROM_TAG = "nanosweep.imported_from"
 PROFILE = "full"  # the study ran nanoGPT's recipe unchanged
+# the loss nanoGPT stored in ckpt.pt as best_val_loss: with always_save_checkpoint=True, the latest evaluation's
+CHECKPOINT_VAL_LOSS = "checkpoint_val_loss"
 
 
 class StudyFormatError(ConfigError):
@@ -54,6 +56,7 @@ class Imported:
     """What an import did: new runs by name, rows skipped as already imported, warnings to show."""
 
     runs: dict[str, str]  # run name -> new run id
+    experiment_id: str  # where new runs went
     skipped: list[str]  # names already imported into the experiment
     warnings: list[str]
 
@@ -112,7 +115,8 @@ def read_results(path: Path, points: dict[str, GridPoint], member: str) -> list[
 
 
 def _checkpoint_facts(path: Path) -> tuple[int, float]:
-    """(iter_num, best_val_loss) of a study checkpoint; nanoGPT stores best_val_loss as a 0-d tensor."""
+    """(iter_num, stored val loss) of a study checkpoint; nanoGPT stores it as a 0-d tensor named best_val_loss,
+    but with always_save_checkpoint=True (the study's setting) it is the latest evaluation's loss, not the best."""
     checkpoint = load_checkpoint(path)
     return int(checkpoint["iter_num"]), float(checkpoint["best_val_loss"])
 
@@ -127,13 +131,13 @@ def _import_row(row: StudyRow, folder: Path, experiment_id: str, vocab: Vocab) -
     cfg = row.point.config
     warnings = []
     checkpoint = folder / cfg.run_name / CHECKPOINT
-    step, best = cfg.max_iters, row.val_loss
+    step, stored = cfg.max_iters, None
     if not checkpoint.is_file():
         warnings.append(f"{cfg.run_name}: no {checkpoint.relative_to(folder)}; imported without a checkpoint")
         checkpoint = None
     else:
         try:
-            step, best = _checkpoint_facts(checkpoint)
+            step, stored = _checkpoint_facts(checkpoint)
         except Exception as exc:  # a truncated or foreign file: keep the numbers, drop the file
             warnings.append(f"{cfg.run_name}: {checkpoint.name} is unreadable ({exc}); imported without it")
             checkpoint = None
@@ -153,7 +157,9 @@ def _import_row(row: StudyRow, folder: Path, experiment_id: str, vocab: Vocab) -
         )
         # the study's figures are from its last evaluation: the checkpoint's iteration (1800 for its MI2000 runs)
         run.log_metrics({"train_loss": row.train_loss, "val_loss": row.val_loss}, step=step)
-        run.log_metrics({"loss_gap": row.loss_gap, "best_val_loss": best}, step=step)
+        run.log_metrics({"loss_gap": row.loss_gap}, step=step)
+        if stored is not None:  # the checkpoint's own figure, under an honest name (the best is unknown)
+            run.log_metrics({CHECKPOINT_VAL_LOSS: stored}, step=step)
         run.log_text(vocab.to_json(), "vocab.json")
         run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
         if checkpoint is not None:
@@ -168,18 +174,26 @@ def _import_row(row: StudyRow, folder: Path, experiment_id: str, vocab: Vocab) -
     return run.run_id, warnings
 
 
-def import_study(folder: Path, member: str | None, experiment: str, vocab: Vocab, sweeps_dir: Path) -> Imported:
-    """Import every row of folder's results.csv not yet imported into experiment, in grid order."""
+def import_study(
+    folder: Path, member: str | None, where: StudyScope | str, vocab: Vocab, sweeps_dir: Path
+) -> Imported:
+    """Import every row of folder's results.csv not yet imported where the scope looks, in grid order.
+
+    New runs go where the member's finished runs already are (tracking.StudyScope.home).
+    """
     name = member_of(folder, member)
     if name == "all":
         raise StudyFormatError("member='all' is not allowed here: a study folder holds one member's runs")
     (chosen,) = load_members(sweeps_dir, name)
     points = {point.config.run_name: point for point in expand(chosen, PROFILE)}
     rows = read_results(folder / "results.csv", points, chosen.name)
-    experiment_id = ensure_experiment(experiment)
-    done = finished_runs(experiment_id)
+    scope = as_scope(where)
+    done = finished_runs(scope)
     if len(done):
-        done = done[(done["run_kind"] == "imported") & (done["member"] == chosen.name)]
+        done = done[done["member"] == chosen.name]
+    experiment_id = scope.home(set(done["experiment_id"]) if len(done) else set(), f"member {chosen.name!r}")
+    if len(done):
+        done = done[done["run_kind"] == "imported"]
     already = set(done["name"]) if len(done) else set()
     imported, warnings = {}, []
     for row in sorted(rows, key=lambda r: r.point.position):
@@ -189,4 +203,4 @@ def import_study(folder: Path, member: str | None, experiment: str, vocab: Vocab
         imported[row.point.config.run_name] = run_id
         warnings += notes
     skipped = [r.point.config.run_name for r in rows if r.point.config.run_name in already]
-    return Imported(imported, skipped, warnings)
+    return Imported(imported, experiment_id, skipped, warnings)

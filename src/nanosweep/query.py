@@ -22,10 +22,13 @@ from nanosweep.tracking import (
     GLOBAL_ID_TAG,
     GRID_POSITION_TAG,
     MEMBER_TAG,
+    MODEL_RUN_KINDS,
     PROFILE_TAG,
     RUN_KIND_TAG,
+    StudyScope,
     TrackingError,
     search_runs,
+    study_scope,
 )
 
 RESULT_KINDS = ("trial", "imported")  # runs that hold a trained configuration; sweeps and analyses do not
@@ -76,22 +79,30 @@ def _row(run: Any) -> dict[str, Any] | None:
     return row
 
 
-def finished_runs(experiment_id: str) -> pd.DataFrame:
-    """Every FINISHED trial or imported run of the experiment, all members and profiles."""
+def finished_runs(scope: StudyScope) -> pd.DataFrame:
+    """Every FINISHED trial or imported run of the scope's experiments, all members and profiles."""
     runs = []
     for kind in RESULT_KINDS:  # MLflow's search has no OR
-        runs += search_runs([experiment_id], f"attributes.status = 'FINISHED' and tags.{RUN_KIND_TAG} = '{kind}'")
+        runs += search_runs(scope.ids, f"attributes.status = 'FINISHED' and tags.{RUN_KIND_TAG} = '{kind}'")
     rows = [row for row in map(_row, runs) if row is not None]
-    return pd.DataFrame(rows, columns=None if rows else ["name", "member", "profile", "grid_position", "global_id"])
+    return pd.DataFrame(
+        rows, columns=None if rows else ["name", "member", "profile", "grid_position", "global_id", "experiment_id"]
+    )
 
 
-def _experiment_id(experiment: str) -> str:
-    found = MlflowClient().get_experiment_by_name(experiment)
-    if found is None:
+def as_scope(where: StudyScope | str) -> StudyScope:
+    """A scope, or an experiment name as shorthand for the scope naming it."""
+    return study_scope(where) if isinstance(where, str) else where
+
+
+def _in_scope(scope: StudyScope) -> StudyScope:
+    """The scope, refused when the experiment it names does not exist."""
+    if scope.named and not scope.experiments:
         raise SelectionError(
-            f"experiment {experiment!r} does not exist in {mlflow.get_tracking_uri()}: run a sweep into it first"
+            f"experiment {scope.named!r} does not exist in {mlflow.get_tracking_uri()}: "
+            "leave --experiment out to look in every experiment, or run a sweep into it first"
         )
-    return found.experiment_id
+    return scope
 
 
 def resolve_profile(runs: pd.DataFrame, profile: str, where: str) -> str:
@@ -113,41 +124,53 @@ def member_order(runs: pd.DataFrame) -> list[str]:
     return list(runs.groupby("member")["global_id"].min().sort_values(kind="stable").index)
 
 
-def select(experiment: str, member: str = ALL_MEMBERS, profile: str = AUTO_PROFILE) -> pd.DataFrame:
-    """The latest finished run per grid point of one member (or all) and one profile, in global id order."""
-    runs = finished_runs(_experiment_id(experiment))
-    where = f"experiment {experiment!r}"
-    profile = resolve_profile(runs, profile, where)
+def select(where: StudyScope | str, member: str = ALL_MEMBERS, profile: str = AUTO_PROFILE) -> pd.DataFrame:
+    """The latest finished run per grid point of one member (or all) and one profile, in global id order.
+
+    A member whose runs lie in several experiments is refused unless the scope names one.
+    """
+    scope = _in_scope(as_scope(where))
+    runs = finished_runs(scope)
+    label = scope.describe()
+    profile = resolve_profile(runs, profile, label)
     runs = runs[runs["profile"] == profile]
     if member != ALL_MEMBERS:
         if member not in set(runs["member"]):
             valid = ", ".join(member_order(runs))
             raise SelectionError(
-                f"member={member!r} has no finished {profile} runs in {where}: choose one of {valid} or {ALL_MEMBERS}"
+                f"member={member!r} has no finished {profile} runs in {label}: choose one of {valid} or {ALL_MEMBERS}"
             )
         runs = runs[runs["member"] == member]
+    for name, group in runs.groupby("member", sort=False):
+        if group["experiment_id"].nunique() > 1:
+            raise scope.spread_error(f"member {name!r} ({profile})", set(group["experiment_id"]))
     # a grid point trained twice (a rerun, or an import beside a sweep): the latest run is the result
     runs = runs.sort_values("start_time", kind="stable").drop_duplicates(["member", "grid_position"], keep="last")
     return runs.sort_values(["global_id", "grid_position"], kind="stable").reset_index(drop=True)
 
 
-def find_run(experiment: str, name_or_id: str) -> tuple[str, str]:
-    """(run id, run name) of a run given by its id, or of the latest finished trial or imported run of that name."""
+def find_run(where: StudyScope | str, name_or_id: str) -> tuple[str, str]:
+    """(run id, run name) of a run given by its id, or of the latest finished run of that name that holds a model
+    (a sweep trial, a `nanosweep train` run or an imported one) in the scope's experiments."""
     if RUN_ID.fullmatch(name_or_id):
         try:
             run = MlflowClient().get_run(name_or_id)
             return run.info.run_id, run.info.run_name
         except MlflowException:  # not an id after all: try it as a name
             pass
-    runs = finished_runs(_experiment_id(experiment))
-    named = runs[runs["name"] == name_or_id] if len(runs) else runs
-    if not len(named):
+    scope = _in_scope(as_scope(where))
+    named = []
+    if "'" not in name_or_id:  # run names are the study's; a quote cannot be one and would break the filter
+        named = search_runs(scope.ids, f"attributes.status = 'FINISHED' and attributes.run_name = '{name_or_id}'")
+    # runs of `mlflow run . -e train` made before run_kind existed have no kind: they hold a model too
+    named = [r for r in named if r.data.tags.get(RUN_KIND_TAG, "train") in MODEL_RUN_KINDS]
+    if not named:
         raise SelectionError(
-            f"no finished run named {name_or_id!r} in experiment {experiment!r} (nor a run with that id): "
+            f"no finished run named {name_or_id!r} in {scope.describe()} (nor a run with that id): "
             "give a run name such as b64_L4_H4_E128_BS8_MI1000_D10_s1 or a 32-character run id"
         )
-    latest = named.sort_values("start_time", kind="stable").iloc[-1]
-    return latest["run_id"], latest["name"]
+    latest = max(named, key=lambda r: r.info.start_time)
+    return latest.info.run_id, latest.info.run_name
 
 
 def histories(run_ids: list[str], keys: tuple[str, ...] = CURVE_METRICS) -> pd.DataFrame:

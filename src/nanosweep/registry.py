@@ -22,9 +22,9 @@ import nanosweep
 from nanosweep.artifacts import VOCAB, model_files
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from nanosweep.data import Vocab
-from nanosweep.query import ALL_MEMBERS, select
+from nanosweep.query import ALL_MEMBERS, find_run, select
 from nanosweep.sampling import SampleSettings, generate_texts
-from nanosweep.tracking import CHECKPOINT
+from nanosweep.tracking import CHECKPOINT, StudyScope
 
 MODEL_NAME = "model"  # the logged model's name within its run
 # sampling settings a request may override, with nanoGPT's defaults (one sample per prompt)
@@ -65,24 +65,36 @@ class Registered:
         return f"models:/{self.name}/{self.version}"
 
 
-def best_run(experiment: str, member: str, profile: str) -> pd.Series:
+def best_run(where: StudyScope | str, member: str, profile: str) -> pd.Series:
     """The run with the lowest final validation loss among the member's (or all members') runs."""
-    runs = select(experiment, member, profile)
+    runs = select(where, member, profile)
     return runs.loc[runs["val_loss"].idxmin()]
 
 
-def register_best(experiment: str, member: str, profile: str, model_name: str | None = None) -> Registered:
-    """Log the best run's checkpoint as a pyfunc model linked to that run and register it as a new version."""
-    best = best_run(experiment, member, profile)
+def register_best(where: StudyScope | str, member: str, profile: str, model_name: str | None = None) -> Registered:
+    """Register the member's (or all members') best run as a new version of nanosweep-<member>."""
+    best = best_run(where, member, profile)
     name = model_name or f"nanosweep-{member if member != ALL_MEMBERS else 'best'}"
+    return register_run(best["run_id"], name)
+
+
+def register_named(where: StudyScope | str, name_or_id: str, model_name: str | None = None) -> Registered:
+    """Register one run, by name or id (a sweep trial, a `nanosweep train` run, an imported run)."""
+    run_id, run_name = find_run(where, name_or_id)
+    return register_run(run_id, model_name or f"nanosweep-{run_name}")
+
+
+def register_run(run_id: str, name: str) -> Registered:
+    """Log a run's checkpoint as a pyfunc model linked to that run and register it as a new version of name."""
+    run = mlflow.MlflowClient().get_run(run_id)
     with tempfile.TemporaryDirectory(prefix="nanosweep-register-") as tmp:
-        local = model_files(best["run_id"], tmp)
+        local = model_files(run_id, tmp)
         # serving needs the weights only: drop the optimizer state (two thirds of ckpt.pt)
         full = load_checkpoint(local[CHECKPOINT])
         weights = Path(tmp) / "weights.pt"
         save_checkpoint({"model": full["model"], "model_args": full["model_args"]}, weights)
         logged = mlflow.initialize_logged_model(
-            name=MODEL_NAME, source_run_id=best["run_id"], experiment_id=best["experiment_id"]
+            name=MODEL_NAME, source_run_id=run_id, experiment_id=run.info.experiment_id
         )
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
@@ -100,5 +112,6 @@ def register_best(experiment: str, member: str, profile: str, model_name: str | 
             registered_model_name=name,
             model_id=logged.model_id,
         )
-    mlflow.MlflowClient().log_outputs(best["run_id"], [LoggedModelOutput(logged.model_id, step=0)])
-    return Registered(name, str(info.registered_model_version), best["run_id"], best["name"], float(best["val_loss"]))
+    mlflow.MlflowClient().log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    val_loss = run.data.metrics.get("val_loss", float("nan"))
+    return Registered(name, str(info.registered_model_version), run_id, run.info.run_name, val_loss)

@@ -17,7 +17,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 import torch
@@ -34,13 +33,13 @@ from nanosweep.tracking import (
     PID_TAG,
     PROFILE_TAG,
     RUN_KIND_TAG,
+    CheckpointUnreadable,
     TrackedRun,
-    ensure_experiment,
-    run_experiment_id,
     search_runs,
+    study_scope,
 )
 from nanosweep.train import fusion_key
-from nanosweep.trial import Interrupted, check_fits, trial_spec
+from nanosweep.trial import STOP_SIGNALS, Interrupted, check_fits, interrupt_once, trial_spec
 
 STOP_GRACE_SECONDS = 60.0  # a trial needs this long at most to flush its logging and end KILLED
 # --fuse auto on CPU: trials per group. Measured in bench/README.md (bench_fused.py): on a 2-core CPU a
@@ -56,7 +55,7 @@ class SweepOptions:
     workers: int = 0  # 0: every GPU slot, or one trial at a time on CPU
     trials_per_gpu: int = 1  # processes (fused groups) sharing each GPU
     fuse: int = 0  # at most this many trials per fused group; 0: auto (fuse_limit)
-    experiment: str = "nanosweep"
+    experiment: str | None = None  # None: the rule of tracking.study_scope decides where runs are and go
     sweeps_dir: Path = Path("sweeps")
     input_path: str | None = None
     dry_run: bool = False
@@ -124,17 +123,25 @@ def process_alive(tags: dict[str, str]) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
 
 
-def end_stale_sweeps(experiment_id: str, keep: str | None) -> None:
+def end_stale_sweeps(experiment_ids: list[str], keep: str | None) -> None:
     """End KILLED the parent runs left RUNNING by sweeps that were killed outright (SIGKILL, power loss)."""
-    for run in search_runs([experiment_id], f"tags.{RUN_KIND_TAG} = 'sweep' and attributes.status = 'RUNNING'"):
+    for run in search_runs(experiment_ids, f"tags.{RUN_KIND_TAG} = 'sweep' and attributes.status = 'RUNNING'"):
         if run.info.run_id != keep and not process_alive(run.data.tags):
             TrackedRun(run.info.run_id).finish("KILLED", "the sweep process was killed; a later sweep took over")
 
 
-def plan(points: list[GridPoint], experiment_id: str) -> list[PlannedTrial]:
-    """Decide per grid point, from the runs already in the experiment with the same config hash and profile."""
+def study_runs(experiment_ids: list[str]) -> list[Any]:
+    """Every sweep trial, and every finished imported run, in the experiments: what a sweep must not redo."""
+    trials = search_runs(experiment_ids, f"tags.{RUN_KIND_TAG} = 'trial'")
+    return trials + search_runs(
+        experiment_ids, f"tags.{RUN_KIND_TAG} = 'imported' and attributes.status = 'FINISHED'"
+    )
+
+
+def plan(points: list[GridPoint], runs: list[Any]) -> list[PlannedTrial]:
+    """Decide per grid point, from the study runs already there with the same config hash and profile."""
     existing: dict[tuple[str, str], list[Any]] = {}
-    for run in search_runs([experiment_id], f"tags.{RUN_KIND_TAG} = 'trial'"):
+    for run in runs:
         key = (run.data.tags.get(CONFIG_HASH_TAG, ""), run.data.tags.get(PROFILE_TAG, ""))
         existing.setdefault(key, []).append(run)
     plans = []
@@ -233,32 +240,42 @@ def format_table(plans: list[PlannedTrial], with_results: bool) -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progress) -> list[PlannedTrial]:
+    """Record a group's end; runs its process left RUNNING (OOM, SIGKILL) fail here.
 
-
-def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progress) -> None:
-    """Record a group's end; runs its process left RUNNING (OOM, SIGKILL) fail here."""
+    Returns the grid points to train again in new runs: resumed runs whose checkpoint was unreadable.
+    """
     lines = exit.launch.log_path.read_text(errors="replace").strip().splitlines()
+    again = []
     for run_id in exit.launch.run_ids:
         planned = by_run[run_id]
         run = TrackedRun(run_id)
         info = run.info()
         if info.info.status == "RUNNING":
-            run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
+            last = lines[-1] if lines else "no output"
+            run.finish("FAILED", f"trial process exited with {exit.returncode}: {last}")
             info = run.info()
         run.log_file(exit.launch.log_path, "logs")
+        progress.running -= 1
+        reason = info.data.tags.get("nanosweep.end_reason", "no reason recorded")
+        if planned.action == "resume" and reason.startswith(f"{CheckpointUnreadable.__name__}:"):
+            name = planned.point.config.run_name
+            progress.report(f"{name}: {reason}; run FAILED, training the grid point in a new run")
+            planned.action, planned.note = "rerun", f"checkpoint of run {planned.run_id} unreadable"
+            planned.run_id = None
+            again.append(planned)
+            continue
         planned.status, planned.seconds = info.info.status, exit.seconds
         planned.val_loss = info.data.metrics.get("val_loss")
-        progress.running -= 1
         event = f"{planned.point.config.run_name} {planned.status} in {exit.seconds:.1f}s"
         if planned.status == "FINISHED":
             progress.done += 1
             progress.durations.append(exit.seconds / len(exit.launch.run_ids))  # a fused trial's share
         else:
             progress.failed += 1
-            event += f": {info.data.tags.get('nanosweep.end_reason', 'no reason recorded')}"
+            event += f": {reason}"
         progress.report(event)
+    return again
 
 
 def _drive(
@@ -268,28 +285,33 @@ def _drive(
     parent_id: str,
     progress: Progress,
     log_dir: Path,
+    by_run: dict[str, PlannedTrial],
+    fuse: int,
 ) -> None:
-    queue = deque(enumerate(groups, start=1))
-    by_run: dict[str, PlannedTrial] = {}
+    """Run the groups; by_run collects every run started, for the shutdown to check."""
+    queue = deque(groups)
+    started = 0
     while queue or executor.running():
         while queue and len(executor.running()) < executor.capacity:
-            index, group = queue.popleft()
+            group = queue.popleft()
             for planned in group:
                 if planned.run_id is None:
                     planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
                 else:  # a resumed run moves under the sweep that finishes it
                     TrackedRun(planned.run_id).set_tags({PARENT_RUN_TAG: parent_id})
                 by_run[planned.run_id] = planned
-            name = group_name(group, parent_id, index)
+            started += 1
+            name = group_name(group, parent_id, started)
+            log_name = group[0].point.config.run_name if len(group) == 1 else name
             run_ids = tuple(p.run_id for p in group)
-            executor.start(TrialLaunch(run_ids, name, group_argv(group, name), log_dir / f"{name}.log"))
+            executor.start(TrialLaunch(run_ids, name, group_argv(group, name), log_dir / f"{log_name}.log"))
             progress.running += len(group)
             members = ", ".join(
                 f"{p.point.config.run_name} ({p.action}{', ' + p.note if p.note else ''})" for p in group
             )
             progress.report(f"{name} started: {members}" if len(group) > 1 else f"{members} started")
         for exit in executor.wait(timeout=1.0):
-            _collect(exit, by_run, progress)
+            queue.extendleft(reversed(fused_groups(_collect(exit, by_run, progress), fuse)))
 
 
 def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
@@ -301,20 +323,24 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         check_fits(point.config, prepared)
 
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
-    experiment_id = run_experiment_id(attached) if attached else ensure_experiment(opts.experiment)
-    plans = plan(points, experiment_id)
+    scope = study_scope(opts.experiment)
+    runs = study_runs(scope.ids)
+    plans = plan(points, runs)
     if opts.dry_run:
         stream.write(format_table(plans, with_results=False) + "\n")
         counts = {a: sum(p.action == a for p in plans) for a in ("run", "rerun", "resume", "skip", "busy")}
         stream.write(", ".join(f"{n} {a}" for a, n in counts.items() if n) + "\n")
         return 0
 
-    end_stale_sweeps(experiment_id, keep=attached)
+    end_stale_sweeps(scope.ids, keep=attached)
     name = f"sweep-{opts.member}-{opts.profile}"
     if not attached and not any(p.launches for p in plans):
         stream.write(format_table(plans, with_results=True) + "\n")
         stream.write(f"{name}: nothing to run: every grid point is finished or running elsewhere\n")
         return 0
+    members_swept = {point.member for point in points}
+    holders = {r.info.experiment_id for r in runs if r.data.tags.get(MEMBER_TAG) in members_swept}
+    experiment_id = scope.home(holders, f"member {opts.member!r}")
     parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: "sweep"})
     parent.set_tags(
         {
@@ -339,7 +365,8 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     gpus = list(range(torch.cuda.device_count()))
     slots, threads = plan_slots(opts.workers, gpus, opts.trials_per_gpu, os.cpu_count() or 1)
     executor = LocalProcessPool(slots, threads)
-    groups = fused_groups(plans, fuse_limit(opts.fuse, bool(gpus)))
+    limit = fuse_limit(opts.fuse, bool(gpus))
+    groups = fused_groups(plans, limit)
     progress = Progress(len(plans), executor.capacity, stream)
     progress.skipped = sum(not p.launches for p in plans)
     where = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {threads} thread(s) per trial"
@@ -347,18 +374,26 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     progress.report(f"{name}: {len(plans)} grid points{fused}, {executor.capacity} at a time on {where}")
 
     log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # the first SIGINT or SIGTERM stops the sweep; later ones are ignored so they cannot cut the shutdown short
+    previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
     started = time.monotonic()
+    by_run: dict[str, PlannedTrial] = {}
     try:
-        _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir)
+        _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
     except (Interrupted, KeyboardInterrupt) as exc:
         reason = exc.args[0] if exc.args else "SIGINT"
         stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
+        # trials that got the same Ctrl-C are already ending their runs and ignore this SIGTERM
         executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
+        for run_id in by_run:  # killed after the grace, or created but never started: nothing stays RUNNING
+            run = TrackedRun(run_id)
+            if run.info().info.status == "RUNNING":
+                run.finish("KILLED", f"the sweep was interrupted by {reason} before the trial ended its run")
         parent.finish("KILLED", f"interrupted by {reason}")
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
         shutil.rmtree(log_dir, ignore_errors=True)
 
     summary = format_table(plans, with_results=True)

@@ -8,13 +8,14 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 
@@ -24,6 +25,11 @@ DEFAULT_EXPERIMENT = "nanosweep"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 CHECKPOINT = "ckpt.pt"
 METRIC_BATCH = 500  # points per log_batch call; MLflow's own limit is 1000
+FLUSH_SECONDS = 2.0  # a buffered metric reaches the store this soon at the latest: the UI charts runs live
+# the metric a study compares: logged first, so a SQLite store lists it first and the MLflow UI's compare
+# view (which preselects the first metric the runs share) plots it in parallel coordinates by default
+PRIMARY_METRIC = "val_loss"
+CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "best_val_loss", "rng", "eval_losses")  # what resuming reads
 
 # Tags that place a run in the study; analysis filters on them (`tags.member = 'deep_large'`).
 MEMBER_TAG = "member"  # shallow_small, deep_small, ... (a file in sweeps/)
@@ -31,7 +37,8 @@ PROFILE_TAG = "profile"  # full (the study's recipe) or quick (CPU-sized); never
 GRID_POSITION_TAG = "grid_position"  # 1-based position in the member's grid, also the seed
 GLOBAL_ID_TAG = "global_id"  # the study's id across members (1-128)
 CONFIG_HASH_TAG = "config_hash"  # TrainConfig.config_hash: equal hashes train the same thing
-RUN_KIND_TAG = "run_kind"  # trial, sweep, analysis or imported
+RUN_KIND_TAG = "run_kind"  # trial (of a sweep), train (nanosweep train alone), sweep, analysis or imported
+MODEL_RUN_KINDS = ("trial", "train", "imported")  # runs that hold a trained model, named by `sample --name`
 HOST_TAG = "nanosweep.host"  # machine of the process training the run
 PID_TAG = "nanosweep.pid"  # its process id: a RUNNING run whose process is gone was killed
 FUSED_GROUP_TAG = "fused_group"  # runs with the same value trained together as one stacked model
@@ -39,6 +46,10 @@ FUSED_GROUP_TAG = "fused_group"  # runs with the same value trained together as 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached or holds something we refuse to touch."""
+
+
+class CheckpointUnreadable(TrackingError):
+    """A cut-off run's ckpt.pt cannot be loaded: its training cannot continue in that run."""
 
 
 def connect(tracking_uri: str | None = None) -> str:
@@ -100,6 +111,98 @@ def run_experiment_id(run_id: str) -> str:
     return MlflowClient().get_run(run_id).info.experiment_id
 
 
+def experiment_name(experiment_id: str) -> str:
+    return MlflowClient().get_experiment(experiment_id).name
+
+
+def active_experiments() -> dict[str, str]:
+    """Every active experiment of the store, id -> name."""
+    client = MlflowClient()
+    found, token = {}, None
+    while True:
+        page = client.search_experiments(ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        found.update((e.experiment_id, e.name) for e in page)
+        token = page.token
+        if not token:
+            return found
+
+
+@dataclass(frozen=True)
+class StudyScope:
+    """Where a command looks for a study's runs and where it puts new ones; decided once, by study_scope."""
+
+    experiments: dict[str, str]  # id -> name of the experiments looked in: the named one, else every active one
+    named: str | None  # the experiment named by --experiment, MLFLOW_EXPERIMENT_NAME or _ID; None: none was
+    attached_experiment_id: str | None  # the experiment of the run `mlflow run` made for this process, if any
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.experiments)
+
+    def describe(self) -> str:
+        """For messages: where the runs were looked for."""
+        return f"experiment {self.named!r}" if self.named else "any experiment of the tracking store"
+
+    def names(self, experiment_ids: set[str]) -> str:
+        return ", ".join(repr(self.experiments.get(i, i)) for i in sorted(experiment_ids))
+
+    def spread_error(self, what: str, experiment_ids: set[str]) -> TrackingError:
+        """The one-line refusal when a member's runs lie in several experiments and none was named."""
+        return TrackingError(
+            f"{what} has runs in experiments {self.names(experiment_ids)}: choose one with --experiment NAME "
+            "(or MLFLOW_EXPERIMENT_NAME)"
+        )
+
+    def home(self, holders: set[str], what: str = "the study") -> str:
+        """The experiment id new runs go into: the attached or named one, else the one already holding the runs
+        (holders), else the CLI's default; refused when the runs lie in several experiments."""
+        if self.attached_experiment_id:
+            return self.attached_experiment_id
+        if self.named:
+            return ensure_experiment(self.named)
+        if len(holders) > 1:
+            raise self.spread_error(what, holders)
+        return next(iter(holders)) if holders else ensure_experiment(DEFAULT_EXPERIMENT)
+
+
+def chosen_experiment(experiment: str | None = None) -> str | None:
+    """The experiment the user named: --experiment, else MLFLOW_EXPERIMENT_NAME, else MLFLOW_EXPERIMENT_ID (not
+    under `mlflow run`, which sets it for every run it makes); None when none was named. Only an id is looked up."""
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if name or not experiment_id:
+        return name
+    try:
+        found = MlflowClient().get_experiment(experiment_id)
+    except MlflowException:
+        found = None
+    if found is None or found.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLFLOW_EXPERIMENT_ID={experiment_id!r} is not an active experiment of {mlflow.get_tracking_uri()}: "
+            "unset it or name an existing experiment"
+        )
+    return found.name
+
+
+def study_scope(experiment: str | None = None) -> StudyScope:
+    """The rule for where a study lives (README, "Where a study lives"), applied once per command.
+
+    The experiment named (chosen_experiment) is the only one looked in; without one, every active experiment
+    is. New runs go into the experiment `mlflow run` chose, else the named one, else where the member's runs
+    already are, else `nanosweep` (StudyScope.home).
+    """
+    client = MlflowClient()
+    attached = os.environ.get("MLFLOW_RUN_ID")
+    attached_experiment = client.get_run(attached).info.experiment_id if attached else None
+    name = chosen_experiment(experiment)
+    if not name:
+        return StudyScope(active_experiments(), None, attached_experiment)
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingError(f"experiment {name!r} is deleted: restore it in the MLflow UI or choose another name")
+    return StudyScope({found.experiment_id: name} if found else {}, name, attached_experiment)
+
+
 class TrackedRun:
     """One MLflow run seen from a training process: params, batched async metrics, artifacts, end status."""
 
@@ -108,11 +211,15 @@ class TrackedRun:
         self.run_id = run_id
         self._buffer: list[Metric] = []
         self._pending: list[Any] = []  # async logging operations to wait for
+        self._lock = threading.Lock()  # the buffer is flushed by the training thread and by a timer
+        self._timer: threading.Timer | None = None  # flushes what log_metrics buffered FLUSH_SECONDS ago
+        self._flush_error: BaseException | None = None  # a timer flush that failed, re-raised by flush_and_wait
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
         self._scratch = tempfile.TemporaryDirectory(prefix="nanosweep-")
         self._last_step: dict[str, int] | None = None  # read on the first metric logged
         self._monitor: Any = None  # system metrics, for runs on a GPU
+        self.ended = False  # finish() has set the run's final status
 
     def _steps_logged(self) -> dict[str, int]:
         """The last step of each metric already in the run (a resumed run): no step is logged twice."""
@@ -163,17 +270,34 @@ class TrackedRun:
         """Buffer the points; they go out asynchronously in batches, so logging never stalls training."""
         now = int(time.time() * 1000)
         last_step = self._steps_logged()
-        for key, value in metrics.items():
-            if step > last_step.get(key, -1):
-                self._buffer.append(Metric(key, float(value), now, step))
-                last_step[key] = step
-        if len(self._buffer) >= METRIC_BATCH:
+        with self._lock:
+            for key in sorted(metrics, key=lambda k: k != PRIMARY_METRIC):
+                if step > last_step.get(key, -1):
+                    self._buffer.append(Metric(key, float(metrics[key]), now, step))
+                    last_step[key] = step
+            full = len(self._buffer) >= METRIC_BATCH
+            if not full and self._buffer and self._timer is None:
+                self._timer = threading.Timer(FLUSH_SECONDS, self._flush_on_timer)
+                self._timer.daemon = True
+                self._timer.start()
+        if full:
             self.flush()
 
+    def _flush_on_timer(self) -> None:
+        try:
+            self.flush()
+        except BaseException as exc:  # re-raised in the training thread by flush_and_wait
+            self._flush_error = exc
+
     def flush(self) -> None:
-        while self._buffer:
-            batch, self._buffer = self._buffer[:METRIC_BATCH], self._buffer[METRIC_BATCH:]
-            self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+        """Hand every buffered point to MLflow's asynchronous queue, in batches."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            while self._buffer:
+                batch, self._buffer = self._buffer[:METRIC_BATCH], self._buffer[METRIC_BATCH:]
+                self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def log_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save ckpt.pt and upload it in the background; at most one upload is in flight."""
@@ -185,7 +309,8 @@ class TrackedRun:
         save_checkpoint(checkpoint, path)
 
         # metrics up to this iteration reach the store before the checkpoint does: a resume never leaves a gap
-        logged_before, self._pending = self._pending, []
+        with self._lock:
+            logged_before, self._pending = self._pending, []
 
         def upload() -> None:
             try:
@@ -227,7 +352,7 @@ class TrackedRun:
             self.client.log_inputs(self.run_id, inputs)
 
     def download_checkpoint(self) -> dict[str, Any] | None:
-        """The run's last ckpt.pt, or None when it has none (or an unreadable one: start over)."""
+        """The run's last ckpt.pt, or None when it has none; an unreadable one is refused, never skipped."""
         names = {a.path for a in self.client.list_artifacts(self.run_id)}
         if CHECKPOINT not in names:
             return None
@@ -235,9 +360,17 @@ class TrackedRun:
             run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=self._scratch.name
         )
         try:
-            return load_checkpoint(local)
-        except Exception:
-            return None
+            checkpoint = load_checkpoint(local)
+            missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+            if missing:
+                raise ValueError(f"it lacks {', '.join(missing)}")
+            return checkpoint
+        except Exception as exc:
+            # starting over inside this run would mix two trainings in one metric history
+            raise CheckpointUnreadable(
+                f"{CHECKPOINT} of run {self.run_id} cannot be read ({str(exc).splitlines()[0][:300]}): "
+                "its training cannot continue in this run"
+            ) from None
         finally:
             os.unlink(local)
 
@@ -251,15 +384,29 @@ class TrackedRun:
         while self._pending:
             self._pending.pop(0).wait()
         self.wait_for_upload()
+        if self._flush_error is not None:
+            error, self._flush_error = self._flush_error, None
+            raise error
 
     def finish(self, status: str, reason: str | None = None) -> None:
-        """Flush everything, then end the run FINISHED, FAILED or KILLED (with the reason as a tag)."""
+        """Flush everything, then end the run FINISHED, FAILED or KILLED (with the reason as a tag).
+
+        When the flush or the last upload fails, the run ends FAILED with that reason (never FINISHED with
+        metrics or a checkpoint missing) and the error is raised.
+        """
         try:
             if self._monitor is not None:
                 self._monitor.finish()
             self.flush_and_wait()
+        except BaseException as exc:
+            status = "FAILED"
+            reason = f"final metric flush or upload failed: {type(exc).__name__}: {exc}" + (
+                f" (after: {reason})" if reason else ""
+            )
+            raise
         finally:
             if reason:
                 self.set_tags({"nanosweep.end_reason": reason[:5000]})
             self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
+            self.ended = True
             self._scratch.cleanup()

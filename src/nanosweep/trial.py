@@ -22,31 +22,37 @@ from typing import Any
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import SOURCE_URL, Batches, PreparedData, Vocab, prepare
 from nanosweep.model import GPT
+from nanosweep.progress import ProgressObserver
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
     HOST_TAG,
     PID_TAG,
+    RUN_KIND_TAG,
+    CheckpointUnreadable,
     TrackedRun,
     TrackingError,
     ensure_experiment,
 )
 from nanosweep.train import Diverged, Hardware, TrainOutcome, Trial, build_model, resolve_hardware, train_fused
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(BaseException):
     """SIGTERM (or SIGINT) reached a trial: the run ends KILLED, its last checkpoint kept for resuming."""
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
+def interrupt_once(signum: int, _frame: FrameType | None) -> None:
+    """The first SIGINT or SIGTERM interrupts; later ones are ignored so they cannot cut the runs' ending short."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     raise Interrupted(signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM/SIGINT while a run is being ended, so a second signal cannot leave it RUNNING."""
+    """Hold SIGINT/SIGTERM while one run of a group is being ended; they arrive once it is."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
@@ -148,9 +154,11 @@ class RunRecorder:
         self.end("FINISHED")
 
     def end(self, status: str, reason: str | None = None) -> None:
-        if not self.ended:
+        """End the run once; one whose final flush failed was already ended FAILED by TrackedRun.finish."""
+        if not self.ended and not self.run.ended:
             self.ended = status
             self.run.finish(status, reason)
+        self.ended = self.ended or "FAILED"
 
 
 def train_runs(
@@ -163,16 +171,23 @@ def train_runs(
     vocab = prepared.vocab()
     batches = Batches(prepared, hardware.device)
     recorders = [RunRecorder(cfg, run) for cfg, run in specs]
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
     try:
         trials = []
         for recorder in recorders:
             model = build_model(recorder.cfg, vocab.size)
             recorder.start(model, hardware, prepared, batches, tags)
-            trials.append(Trial(recorder.cfg, model, recorder, recorder.run.download_checkpoint()))
+            try:
+                checkpoint = recorder.run.download_checkpoint()
+            except CheckpointUnreadable as exc:  # this run fails (the sweep retrains it); its siblings go on
+                recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
+                continue
+            start = checkpoint["iter_num"] if checkpoint else 0
+            observer = ProgressObserver(recorder, recorder.cfg, start_iter=start)
+            trials.append(Trial(recorder.cfg, model, observer, checkpoint))
 
         def ended(trial: Trial, result: TrainOutcome | Diverged) -> None:
-            recorder = trial.observer
+            recorder = trial.observer.run
             with signals_deferred():
                 if isinstance(result, Diverged):
                     recorder.end("FAILED", f"Diverged: {result}")
@@ -182,9 +197,10 @@ def train_runs(
                     except Exception as exc:  # its siblings go on; this run's end says why
                         recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
 
-        train_fused(trials, batches, hardware, ended)
+        if trials:
+            train_fused(trials, batches, hardware, ended)
     except (Interrupted, KeyboardInterrupt) as exc:
-        with signals_deferred():
+        with signals_deferred():  # Ctrl-C reaches the sweep too, whose SIGTERM follows: it must not cut this short
             for recorder in recorders:
                 recorder.end("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
         raise
@@ -194,7 +210,8 @@ def train_runs(
                 recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
     return {recorder.run.run_id: recorder.ended for recorder in recorders}
 
 
@@ -249,8 +266,11 @@ def run_trial(
         run = TrackedRun(run_id)
         check_resumable(cfg, run)
         run.mark_running()
+        if RUN_KIND_TAG not in run.info().data.tags:  # the run `mlflow run . -e train` made
+            run.set_tags({RUN_KIND_TAG: "train"})
     else:
-        run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags or {}, parent_run_id)
+        tags = {RUN_KIND_TAG: "train", **(tags or {})}
+        run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags, parent_run_id)
     status = train_runs([(cfg, run)], prepared, hardware, {})[run.run_id]
     if status != "FINISHED":
         reason = run.info().data.tags.get("nanosweep.end_reason", "")
