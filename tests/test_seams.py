@@ -46,6 +46,7 @@ def user_env(store, tmp_path):
     env = {**os.environ, "NANOSWEEP_SWEEPS_DIR": str(sweeps), "PATH": f"{BIN}:{os.environ['PATH']}"}
     for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         env.pop(name, None)
+    MlflowClient().search_experiments()  # the store exists before the test polls it beside a sweep creating it
     return env
 
 

@@ -43,21 +43,42 @@ class Interrupted(BaseException):
     """SIGTERM (or SIGINT) reached a trial: the run ends KILLED, its last checkpoint kept for resuming."""
 
 
-def interrupt_once(signum: int, _frame: FrameType | None) -> None:
-    """The first SIGINT or SIGTERM interrupts; later ones are ignored so they cannot cut the runs' ending short."""
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-    raise Interrupted(signal.Signals(signum).name)
+class StopSignals:
+    """SIGINT/SIGTERM as Interrupted. The first one interrupts and later ones are ignored, so they cannot cut
+    the runs' ending short; while one run of a fused group is being ended, the interruption waits until it is.
+    """
+
+    def __init__(self) -> None:
+        self.deferring = False
+        self.pending: str | None = None
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
+        name = signal.Signals(signum).name
+        if self.deferring:
+            self.pending = name
+            return
+        raise Interrupted(name)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A section that a stop signal does not interrupt; it raises Interrupted at its end instead."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            raise Interrupted(self.pending)
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while one run of a group is being ended; they arrive once it is."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+stop_signals = StopSignals()
+
+
+def interrupt_once(signum: int, frame: FrameType | None) -> None:
+    """The handler sweeps and trials install for SIGINT and SIGTERM (see StopSignals)."""
+    stop_signals.handle(signum, frame)
 
 
 def check_fits(cfg: TrainConfig, prepared: PreparedData) -> None:
@@ -188,7 +209,7 @@ def train_runs(
 
         def ended(trial: Trial, result: TrainOutcome | Diverged) -> None:
             recorder = trial.observer.run
-            with signals_deferred():
+            with stop_signals.deferred():
                 if isinstance(result, Diverged):
                     recorder.end("FAILED", f"Diverged: {result}")
                 else:
@@ -200,12 +221,12 @@ def train_runs(
         if trials:
             train_fused(trials, batches, hardware, ended)
     except (Interrupted, KeyboardInterrupt) as exc:
-        with signals_deferred():  # Ctrl-C reaches the sweep too, whose SIGTERM follows: it must not cut this short
-            for recorder in recorders:
-                recorder.end("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
+        # Ctrl-C reaches the sweep too, whose SIGTERM follows: interrupt_once ignores it now
+        for recorder in recorders:
+            recorder.end("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
         raise
     except BaseException as exc:
-        with signals_deferred():
+        with stop_signals.deferred():
             for recorder in recorders:
                 recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
         raise
