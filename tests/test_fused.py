@@ -94,8 +94,8 @@ def test_a_diverging_trial_ends_failed_alone_and_its_siblings_finish(store):
     experiment = ensure_experiment("nanosweep")
     good, bad = tiny_config(seed=1), tiny_config(seed=2, learning_rate=1e30, grad_clip=0.0)
     runs = [(cfg, TrackedRun.create(experiment, cfg.run_name, {})) for cfg in (good, bad)]
-    code = run_group([(cfg, run.run_id) for cfg, run in runs], {"fused_group": "g1"})
-    assert code == 1
+    statuses = run_group([(cfg, run.run_id) for cfg, run in runs], {"fused_group": "g1"})
+    assert list(statuses.values()) == ["FINISHED", "FAILED"]
     good_run, bad_run = (run.info() for _, run in runs)
     assert good_run.info.status == "FINISHED"
     assert bad_run.info.status == "FAILED"
@@ -117,7 +117,8 @@ def test_a_fused_trials_run_holds_what_a_single_run_holds_and_its_checkpoint_loa
     experiment = ensure_experiment("nanosweep")
     configs = [tiny_config(seed=1), tiny_config(seed=2, dropout=0.2)]
     runs = [TrackedRun.create(experiment, cfg.run_name, {}) for cfg in configs]
-    assert run_group([(cfg, run.run_id) for cfg, run in zip(configs, runs)], {"fused_group": "g"}) == 0
+    statuses = run_group([(cfg, run.run_id) for cfg, run in zip(configs, runs)], {"fused_group": "g"})
+    assert set(statuses.values()) == {"FINISHED"}
     for cfg, run in zip(configs, runs):
         info = client.get_run(run.run_id)
         assert info.info.status == "FINISHED"

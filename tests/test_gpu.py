@@ -83,6 +83,6 @@ def test_trial_runs_on_cuda_log_system_metrics(store, prepared, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the run lasts a few seconds
     cfg = tiny_config(device="cuda", max_iters=200, eval_interval=100)
     run_ = TrackedRun.create(ensure_experiment("nanosweep"), cfg.run_name, {})
-    assert run_group([(cfg, run_.run_id)], {}) == 0
+    assert run_group([(cfg, run_.run_id)], {}) == {run_.run_id: "FINISHED"}
     metrics = MlflowClient().get_run(run_.run_id).data.metrics
     assert any(key.startswith("system/gpu_") for key in metrics), sorted(metrics)

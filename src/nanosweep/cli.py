@@ -149,11 +149,13 @@ def train_group_command(
         raise click.ClickException(f"--tag {bad[0]!r} is not allowed: give KEY=VALUE")
     connect(tracking_uri)
     try:
-        code = run_group(specs, dict(t.split("=", 1) for t in tags), input_path)
+        statuses = run_group(specs, dict(t.split("=", 1) for t in tags), input_path)
     except (Interrupted, KeyboardInterrupt) as exc:
         click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): unfinished runs ended KILLED", err=True)
         sys.exit(130)
-    sys.exit(code)
+    for cfg, run_id in specs:
+        click.echo(f"{cfg.run_name}: run {run_id} {statuses[run_id]}")
+    sys.exit(0 if set(statuses.values()) == {"FINISHED"} else 1)
 
 
 @main.command("sweep")

@@ -254,8 +254,10 @@ def parse_trial_spec(text: str) -> tuple[TrainConfig, str]:
         ) from None
 
 
-def run_group(specs: list[tuple[TrainConfig, str]], tags: dict[str, str], input_path: str | None = None) -> int:
-    """Train existing runs (a sweep's fused group) in this process; 0 when all FINISHED, else 1."""
+def run_group(
+    specs: list[tuple[TrainConfig, str]], tags: dict[str, str], input_path: str | None = None
+) -> dict[str, str]:
+    """Train existing runs (a sweep's fused group) in this process; run id -> FINISHED, FAILED or KILLED."""
     prepared = prepare(input_path)
     for cfg, _ in specs:
         check_fits(cfg, prepared)
@@ -265,8 +267,7 @@ def run_group(specs: list[tuple[TrainConfig, str]], tags: dict[str, str], input_
         check_resumable(cfg, run)
     for _, run in runs:
         run.mark_running()
-    statuses = train_runs(runs, prepared, hardware, tags)
-    return 0 if set(statuses.values()) == {"FINISHED"} else 1
+    return train_runs(runs, prepared, hardware, tags)
 
 
 def run_trial(
