@@ -121,6 +121,13 @@ def train_command(
     "--workers", type=int, default=0, show_default=True, help="trials at once; 0 = one per GPU slot, or 1 on CPU"
 )
 @click.option("--trials-per-gpu", type=int, default=1, show_default=True, help="pack this many small trials per GPU")
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="seeds per grid point; 0 = the member file's `repeats` (default 1)",
+)
 @sweeps_dir_option
 @click.option("--dry-run", is_flag=True, help="show what would run, resume or be skipped, and stop")
 @input_option
@@ -132,6 +139,7 @@ def sweep_command(
     profile: str,
     workers: int,
     trials_per_gpu: int,
+    repeats: int,
     sweeps_dir: Path | None,
     dry_run: bool,
     input_path: str | None,
@@ -150,7 +158,15 @@ def sweep_command(
         )
     connect(tracking_uri)
     opts = SweepOptions(
-        member, profile, workers, trials_per_gpu, experiment, sweeps_dir or default_sweeps_dir(), input_path, dry_run
+        member,
+        profile,
+        workers,
+        trials_per_gpu,
+        experiment,
+        sweeps_dir or default_sweeps_dir(),
+        input_path,
+        dry_run,
+        repeats,
     )
     try:
         sys.exit(run_sweep(opts))

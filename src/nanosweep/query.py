@@ -23,6 +23,7 @@ from nanosweep.tracking import (
     GRID_POSITION_TAG,
     MEMBER_TAG,
     PROFILE_TAG,
+    REPLICATE_TAG,
     RUN_KIND_TAG,
     TrackingError,
     search_runs,
@@ -55,6 +56,7 @@ def _row(run: Any) -> dict[str, Any] | None:
         "run_kind": tags.get(RUN_KIND_TAG, ""),
         "grid_position": int(tags[GRID_POSITION_TAG]),
         "global_id": int(tags[GLOBAL_ID_TAG]),
+        "replicate": int(tags.get(REPLICATE_TAG, 1)),  # imported and older runs carry one seed: replicate 1
     }
     defaults = TrainConfig()
     for field in CONFIG_FIELDS:
@@ -114,7 +116,7 @@ def member_order(runs: pd.DataFrame) -> list[str]:
 
 
 def select(experiment: str, member: str = ALL_MEMBERS, profile: str = AUTO_PROFILE) -> pd.DataFrame:
-    """The latest finished run per grid point of one member (or all) and one profile, in global id order."""
+    """The latest finished run per grid point and seed replicate of one member (or all) and one profile, in id order."""
     runs = finished_runs(_experiment_id(experiment))
     where = f"experiment {experiment!r}"
     profile = resolve_profile(runs, profile, where)
@@ -126,9 +128,10 @@ def select(experiment: str, member: str = ALL_MEMBERS, profile: str = AUTO_PROFI
                 f"member={member!r} has no finished {profile} runs in {where}: choose one of {valid} or {ALL_MEMBERS}"
             )
         runs = runs[runs["member"] == member]
-    # a grid point trained twice (a rerun, or an import beside a sweep): the latest run is the result
-    runs = runs.sort_values("start_time", kind="stable").drop_duplicates(["member", "grid_position"], keep="last")
-    return runs.sort_values(["global_id", "grid_position"], kind="stable").reset_index(drop=True)
+    # a replicate trained twice (a rerun, or an import beside a sweep): the latest run is the result
+    point = ["member", "grid_position", "replicate"]
+    runs = runs.sort_values("start_time", kind="stable").drop_duplicates(point, keep="last")
+    return runs.sort_values(["global_id", "grid_position", "replicate"], kind="stable").reset_index(drop=True)
 
 
 def find_run(experiment: str, name_or_id: str) -> tuple[str, str]:
