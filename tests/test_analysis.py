@@ -193,9 +193,8 @@ def test_analyze_writes_csvs_plots_report_and_logs_an_analysis_run(study, tmp_pa
         + ["main_effects_loss_gap.png", "main_effects_val_loss.png", "member_comparison.png", "params_vs_val_loss.png"]
         + ["interaction_val_loss.png", "replicate_spread.png"]
     )
-    assert (tmp_path / "nanoGPT_results_vijay_m2" / "results_by_point.csv").read_text().startswith(
-        "member,global_id,grid_position,point,"
-    )
+    points = (tmp_path / "nanoGPT_results_vijay_m2" / "results_by_point.csv").read_text()
+    assert points.startswith("member,global_id,grid_position,point,")
     for png in (folder / "plots").iterdir():
         height, width, _ = matplotlib.image.imread(png).shape
         assert height > 300 and width > 500
@@ -324,6 +323,15 @@ def test_replicates_rank_by_mean_and_ties_with_the_best_come_from_welch_and_holm
     assert list(f.by_mean.tied_with_best) == [True, True, True, False]
     pooled = math.sqrt(sum(v.var(ddof=1) for v in values.values()) / 4)
     assert (f.noise.source, f.noise.df, f.noise.std) == (stats.REPLICATES, 8, pytest.approx(pooled))
+
+    spread = plots.replicate_spread(f.runs, f.by_mean)
+    dots = {c.get_gid(): list(c.get_offsets()[:, 0]) for c in spread.axes[0].collections if c.get_gid()}
+    for position in means:
+        assert dots[config("m1", position).run_name[:-3]] == pytest.approx(list(values[position]))
+    assert f.interaction == ("n_embd", "dropout")
+    lines = plots.interaction(runs, f.interaction, f.anova_val).axes[0].get_lines()
+    means_line = next(line for line in lines if line.get_gid() == "dropout=0.1")  # the caps come after it
+    assert list(means_line.get_ydata()) == pytest.approx([values[1].mean(), values[3].mean()])  # n_embd 32, 64
 
     analyze("nanosweep", "m1", "auto", tmp_path, log_run=False)
     markdown = (tmp_path / "analysis-m1" / "report.md").read_text()

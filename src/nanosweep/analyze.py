@@ -184,8 +184,8 @@ def summary(f: Findings, top: int = 10) -> str:
         (f"Top {top} by validation loss", f.by_val_loss[ranked].head(top)),
         (f"Top {top} by loss gap (smallest gap = best generalization)", f.by_loss_gap[ranked].head(top)),
         (f"Hyperparameter effects on validation loss ({scope}: range of level means)", effects),
-        (f"Top {top} configurations by mean validation loss", f.by_mean[report.BY_MEAN].head(top)),
-        ("ANOVA of validation loss", f.anova_val.table[report.ANOVA_SHOWN]),
+        (f"Top {top} configurations by mean validation loss", report.p_values(f.by_mean[report.BY_MEAN].head(top))),
+        ("ANOVA of validation loss", report.p_values(f.anova_val.table[report.ANOVA_SHOWN])),
     ]
     noise = report.noise_sentence(f).replace("**", "").replace("`", "")
     return noise + "\n\n" + "\n\n".join(f"{title}\n{_table(frame)}" for title, frame in sections) + "\n"

@@ -208,6 +208,12 @@ def _scope(f: Findings) -> str:
     return "all" if len(f.members) > 1 else f.members[0]
 
 
+def p_values(frame: pd.DataFrame) -> pd.DataFrame:
+    """p values to two significant digits (a fixed 4 decimals would show small ones as 0.0000)."""
+    columns = [c for c in ("p", "p_holm") if c in frame.columns]
+    return frame.assign(**{c: [cell(v) if math.isnan(v) else f"{v:.2g}" for v in frame[c]] for c in columns})
+
+
 def _seeds(f: Findings) -> str:
     low, high = int(f.points["n"].min()), int(f.points["n"].max())
     return f"{low} seed{'s' if high > 1 else ''}" if low == high else f"{low}-{high} seeds"
@@ -284,7 +290,7 @@ def _winner(f: Findings) -> list[Block]:
         f"{best['val_loss_mean']:.4f} over {int(best['n'])} seed{'s' if best['n'] > 1 else ''}{interval}, "
         f"train loss {best['train_loss_mean']:.4f}, gap {best['loss_gap_mean']:+.4f}. " + _ties(f)
     )
-    shown = f.by_mean[BY_MEAN].head(TOP)
+    shown = p_values(f.by_mean[BY_MEAN].head(TOP))
     return [
         Heading("Which configuration wins"),
         Paragraph(text),
@@ -381,7 +387,7 @@ def _certainty(f: Findings) -> list[Block]:
         Paragraph("**Which configuration wins.** " + _ties(f)),
         Paragraph("**Which hyperparameters matter.** " + _significance(f.anova_val, "validation loss")),
         Table(
-            f.anova_val.table[ANOVA_SHOWN],
+            p_values(f.anova_val.table[ANOVA_SHOWN]),
             "ANOVA of the final validation loss (statsmodels, type II; η² = share of all variation)",
         ),
     ]
@@ -398,7 +404,7 @@ def _certainty(f: Findings) -> list[Block]:
         blocks.append(Image("plots/interaction_val_loss.png", f"Interaction of {first} and {second} (95 % CI)"))
     blocks += [
         Paragraph("**What drives the gap.** " + _significance(f.anova_gap, "loss gap")),
-        Table(f.anova_gap.table[ANOVA_SHOWN], "ANOVA of the final loss gap (statsmodels, type II)"),
+        Table(p_values(f.anova_gap.table[ANOVA_SHOWN]), "ANOVA of the final loss gap (statsmodels, type II)"),
         Image("plots/replicate_spread.png", "Final validation loss of every seed per grid point, best on top"),
     ]
     return blocks
