@@ -2,7 +2,6 @@
 
 import io
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,18 +10,11 @@ import statsmodels.formula.api as smf
 from mlflow import MlflowClient
 from statsmodels.stats.anova import anova_lm
 
+from conftest import TINY_MEMBER
 from nanosweep.analyze import analyze
-from test_sweep import TINY_MEMBER, finish, study_runs, sweep
+from test_sweep import finish, study_runs, sweep
 
 GRID = [(10, 0.0), (10, 0.1), (20, 0.0), (20, 0.1)]  # TINY_MEMBER's (max_iters, dropout), in grid order
-
-
-@pytest.fixture
-def sweeps_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "sweeps"
-    folder.mkdir()
-    (folder / "tiny.yaml").write_text(TINY_MEMBER % (10, 10))
-    return folder
 
 
 def finished_metrics() -> pd.DataFrame:
@@ -105,7 +97,7 @@ def test_three_seeds_per_point_give_scipy_intervals_a_statsmodels_anova_and_exte
     code, output = finish(sweep(sweeps_dir, "--repeats", "3"))
     assert code == 0 and output.strip().endswith("nothing to run: every grid point is finished or running elsewhere")
     assert len(study_runs()) == 12
-    code, output = finish(sweep(sweeps_dir, "--repeats", "4"), timeout=600)
+    code, output = finish(sweep(sweeps_dir, "--repeats", "4", "--workers", "2"), timeout=600)
     assert code == 0, output
     assert "[16/16] done 4 | running 0 | skipped 12 | failed 0" in output
     runs = finished_metrics()
@@ -114,3 +106,21 @@ def test_three_seeds_per_point_give_scipy_intervals_a_statsmodels_anova_and_exte
     assert len(runs) == 16 and runs.groupby("position").size().eq(4).all()
     client = MlflowClient()
     assert all(client.get_run(r.info.run_id).data.tags["replicate"] in "1234" for r in study_runs())
+
+
+def test_repeats_come_from_the_member_file_unless_the_command_line_says_and_bad_values_are_refused(store, sweeps_dir):
+    (sweeps_dir / "tiny.yaml").write_text("repeats: 2\n" + TINY_MEMBER % (10, 10))
+    code, output = finish(sweep(sweeps_dir, "--dry-run"))
+    assert code == 0 and output.strip().endswith("8 run"), output
+    assert "b32_L2_H2_E32_BS8_MI20_D10_s1004" in output
+    code, output = finish(sweep(sweeps_dir, "--dry-run", "--repeats", "1"))
+    assert code == 0 and output.strip().endswith("4 run") and "_s1001" not in output
+    code, output = finish(sweep(sweeps_dir, "--repeats", "-1"))
+    assert (code, output.strip().splitlines()[-1]) == (
+        2,
+        "Error: Invalid value for '--repeats': -1 is not in the range x>=0.",
+    )
+    (sweeps_dir / "tiny.yaml").write_text("repeats: 0\n" + TINY_MEMBER % (10, 10))
+    code, output = finish(sweep(sweeps_dir))
+    assert code == 1 and output.endswith("key 'repeats' must be an integer >= 1 (seeds per grid point), got 0\n")
+    assert not study_runs() and not study_runs("sweep")
