@@ -197,13 +197,6 @@ def to_html(blocks: list[Block], root: Path, title: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _describe(run: Any) -> str:
-    return (
-        f"**{run['name']}** ({run['member']}): validation loss {run['val_loss']:.4f}, train loss "
-        f"{run['train_loss']:.4f}, gap {run['loss_gap']:+.4f}, {int(run['total_params']):,} parameters"
-    )
-
-
 def _scope(f: Findings) -> str:
     return "all" if len(f.members) > 1 else f.members[0]
 
