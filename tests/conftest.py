@@ -55,3 +55,24 @@ def tiny_config(**changes: object) -> TrainConfig:
     )
     base.update(changes)
     return TrainConfig(**base)
+
+
+TINY_MEMBER = """\
+member: tiny
+global_id_offset: 200
+fixed: {block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, batch_size: 8}
+grid:
+  max_iters: [%s, 20]
+  dropout: [0.0, 0.1]
+overrides: {device: cpu, eval_interval: %s, eval_iters: 2, gradient_accumulation_steps: 1, log_interval: 5,
+            warmup_iters: 10, num_samples: 1, max_new_tokens: 20}
+"""
+
+
+@pytest.fixture
+def sweeps_dir(tmp_path: Path) -> Path:
+    """A sweeps folder holding the tiny member: 2 x 2 grid points that train in seconds."""
+    folder = tmp_path / "sweeps"
+    folder.mkdir()
+    (folder / "tiny.yaml").write_text(TINY_MEMBER % (10, 10))
+    return folder

@@ -33,14 +33,18 @@ def shared_store(root: Path) -> Iterator[str]:
             mlflow.set_tracking_uri(None)
 
 
-def study_tags(member: str, position: int, global_id: int, profile: str = "quick", kind: str = "trial") -> dict:
-    return {
+def study_tags(
+    member: str, position: int, global_id: int, profile: str = "quick", kind: str = "trial", replicate: int = 0
+) -> dict:
+    """The tags a sweep gives a run; replicate 0 leaves the tag out, as on imported and older runs."""
+    tags = {
         "member": member,
         "profile": profile,
         "grid_position": str(position),
         "global_id": str(global_id),
         "run_kind": kind,
     }
+    return {**tags, "replicate": str(replicate)} if replicate else tags
 
 
 def log_known_run(
@@ -54,9 +58,11 @@ def log_known_run(
     profile: str = "quick",
     kind: str = "trial",
     status: str = "FINISHED",
+    replicate: int = 0,
 ) -> str:
     """A run with the contract's tags, params, evaluation metrics and config artifact; values from the test."""
-    run = TrackedRun.create(experiment_id, cfg.run_name, study_tags(member, position, global_id, profile, kind))
+    tags = study_tags(member, position, global_id, profile, kind, replicate)
+    run = TrackedRun.create(experiment_id, cfg.run_name, tags)
     run.log_params({**cfg.to_dict(), "total_params": total_params, "member": member, "profile": profile})
     for step, (train, val) in sorted(evals.items()):
         run.log_metrics({"train_loss": train, "val_loss": val}, step=step)

@@ -8,11 +8,15 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 import pytest
+import scipy.stats
+import statsmodels.formula.api as smf
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from statsmodels.stats.anova import anova_lm
+from statsmodels.stats.multitest import multipletests
 
 from conftest import tiny_config
-from nanosweep import analysis, plots, query
+from nanosweep import analysis, plots, query, stats
 from nanosweep.analyze import analyze
 from nanosweep.cli import main
 from nanosweep.tracking import ensure_experiment
@@ -187,13 +191,16 @@ def test_analyze_writes_csvs_plots_report_and_logs_an_analysis_run(study, tmp_pa
         [f"loss_curves_{m}.png" for m in ("m1", "m2")]
         + [f"loss_gap_{m}.png" for m in ("m1", "m2")]
         + ["main_effects_loss_gap.png", "main_effects_val_loss.png", "member_comparison.png", "params_vs_val_loss.png"]
+        + ["interaction_val_loss.png", "replicate_spread.png"]
     )
+    points = (tmp_path / "nanoGPT_results_vijay_m2" / "results_by_point.csv").read_text()
+    assert points.startswith("member,global_id,grid_position,point,")
     for png in (folder / "plots").iterdir():
         height, width, _ = matplotlib.image.imread(png).shape
         assert height > 300 and width > 500
     markdown = (folder / "report.md").read_text()
     winner = config("m2", 4).run_name
-    assert f"The best run is **{winner}** (m2): validation loss 1.8000" in markdown
+    assert f"The best configuration is **{winner[:-3]}** (m2): mean validation loss 1.8000 over 1 seed" in markdown
     assert "`n_embd` 0.2375 (64: 1.8750 vs 32: 2.1125)" in markdown  # the largest overall effect, with its levels
     assert "overfitting set in at iteration 10" in markdown
     html = (folder / "report.html").read_text()
@@ -213,7 +220,7 @@ def test_rebuilding_gives_byte_identical_files(study, tmp_path):
     analyze("nanosweep", "all", "auto", tmp_path / "a", log_run=False)
     analyze("nanosweep", "all", "auto", tmp_path / "b", log_run=False)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert any(f.suffix == ".csv" for f in files) and len(files) == 18
+    assert any(f.suffix == ".csv" for f in files) and len(files) == 25
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -255,3 +262,95 @@ def test_cli_prints_tables_and_refuses_unknown_member_without_writing(study, tmp
     assert not (tmp_path / "bad").exists()
     result = runner.invoke(main, ["analyze", "--profile", "full", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 1 and "profile='full' has no finished runs" in result.output
+
+
+def test_one_seed_per_point_says_there_is_no_noise_estimate_and_tests_against_the_interactions(study, tmp_path):
+    runs = query.select("nanosweep")
+    f = analysis.findings(runs, query.histories(list(runs.run_id)))
+    assert (f.noise.source, f.noise.df) == (stats.INTERACTIONS, 1) and f.anova_val.balanced
+    # the same numbers through statsmodels: main effects + two-way interactions, the three-way one is the residual
+    expected = anova_lm(smf.ols("val_loss ~ (C(n_layer) + C(n_embd) + C(dropout))**2", runs).fit(), typ=2)
+    table = f.anova_val.table.set_index("term")
+    for name, row in expected.drop(index="Residual").iterrows():
+        term = name.replace("C(", "").replace(")", "")
+        assert table.loc[term, ["df", "sum_sq", "F", "p"]].tolist() == pytest.approx(
+            [row.df, row.sum_sq, row.F, row["PR(>F)"]]
+        )
+    [residual] = table.index[table.kind == "error"]
+    assert residual == "residual: interactions of 3+ factors (no replicates, so no noise estimate)"
+    assert table.loc[residual, "sum_sq"] == pytest.approx(expected.loc["Residual", "sum_sq"])
+    assert f.noise.std == pytest.approx(math.sqrt(expected.loc["Residual", "sum_sq"]))
+    # one member: two factors, so its residual is their interaction (what main effects leave of 0.075)
+    m1 = stats.anova(runs[runs.member == "m1"], "val_loss", ["n_embd", "dropout"]).table.set_index("term")
+    assert list(m1.index[:2]) == ["n_embd", "dropout"] and m1.sum_sq.iloc[2] == pytest.approx(0.075 - 0.0625 - 0.01)
+    # a level mean's 95 % interval from the error term: 4 runs per level, 1 degree of freedom
+    level = f.effects.set_index(["scope", "metric", "factor", "level"]).loc[("all", "val_loss", "n_embd", 64)]
+    half = scipy.stats.t.ppf(0.975, 1) * math.sqrt(expected.loc["Residual", "sum_sq"] / 4)
+    assert (level.ci_low, level.ci_high) == pytest.approx((1.875 - half, 1.875 + half))
+    # without replicates the comparison with the best is a t-test on that residual, Holm-corrected
+    ranked = f.by_mean
+    assert list(ranked.test) == ["best"] + ["t on ANOVA error"] * 7 and ranked.tied_with_best.all()
+    t = 0.05 / math.sqrt(expected.loc["Residual", "sum_sq"] / 1 * 2)
+    assert ranked.p.iloc[1] == pytest.approx(2 * scipy.stats.t.sf(t, 1))
+    assert list(ranked.p_holm.iloc[1:]) == pytest.approx(list(multipletests(ranked.p.iloc[1:], method="holm")[1]))
+
+    analyze("nanosweep", "all", "auto", tmp_path, log_run=False)
+    markdown = (tmp_path / "analysis-all" / "report.md").read_text()
+    intro = markdown.split("\n\n")[1]
+    assert "Each of the 8 grid points was trained with one seed, so there is **no noise estimate**" in intro
+    assert f"a standard deviation of **{f.noise.std:.4f} nats** (1 degree of freedom)" in intro
+    assert "All 8 configurations are within noise of each other" in markdown
+    assert "error term: the highest-order interactions; one seed per point, so no noise estimate" in markdown
+    assert "significant at 95 %: `n_embd` (F = 361.0, p = 0.033" in markdown
+
+
+def test_replicates_rank_by_mean_and_ties_with_the_best_come_from_welch_and_holm(store, tmp_path):
+    experiment_id = ensure_experiment("nanosweep")
+    means = {1: 1.80, 2: 1.81, 3: 1.82, 4: 2.50}  # the top three within noise, the last far behind
+    offsets = (-0.02, 0.0, 0.025)
+    for position, mean in means.items():
+        for replicate, offset in enumerate(offsets, start=1):
+            cfg = config("m1", position).replace(seed=position + 1000 * (replicate - 1))
+            value = mean + offset * (1 + position / 10)
+            log_known_run(experiment_id, "m1", position, position, cfg, {20: (value - 0.1, value)}, replicate=replicate)
+    runs = query.select("nanosweep")
+    assert list(zip(runs.grid_position, runs.replicate)) == [(p, r) for p in (1, 2, 3, 4) for r in (1, 2, 3)]
+    f = analysis.findings(runs, query.histories(list(runs.run_id)))
+    values = {p: runs[runs.grid_position == p].val_loss.to_numpy() for p in means}
+    assert list(f.by_mean.grid_position) == [1, 2, 3, 4] and list(f.by_mean.test[1:]) == ["Welch"] * 3
+    welch = [scipy.stats.ttest_ind(values[p], values[1], equal_var=False).pvalue for p in (2, 3, 4)]
+    assert list(f.by_mean.p[1:]) == pytest.approx(welch)
+    assert list(f.by_mean.p_holm[1:]) == pytest.approx(list(multipletests(welch, method="holm")[1]))
+    assert list(f.by_mean.tied_with_best) == [True, True, True, False]
+    pooled = math.sqrt(sum(v.var(ddof=1) for v in values.values()) / 4)
+    assert (f.noise.source, f.noise.df, f.noise.std) == (stats.REPLICATES, 8, pytest.approx(pooled))
+
+    spread = plots.replicate_spread(f.runs, f.by_mean)
+    dots = {c.get_gid(): list(c.get_offsets()[:, 0]) for c in spread.axes[0].collections if c.get_gid()}
+    for position in means:
+        assert dots[config("m1", position).run_name[:-3]] == pytest.approx(list(values[position]))
+    assert f.interaction == ("n_embd", "dropout")
+    lines = plots.interaction(runs, f.interaction, f.anova_val).axes[0].get_lines()
+    means_line = next(line for line in lines if line.get_gid() == "dropout=0.1")  # the caps come after it
+    assert list(means_line.get_ydata()) == pytest.approx([values[1].mean(), values[3].mean()])  # n_embd 32, 64
+
+    analyze("nanosweep", "m1", "auto", tmp_path, log_run=False)
+    markdown = (tmp_path / "analysis-m1" / "report.md").read_text()
+    assert f"pooled within grid points, is **{pooled:.4f} nats** (8 degrees of freedom)" in markdown.split("\n\n")[1]
+    assert "The top 3 are within noise of each other: 2 configurations cannot be told apart from the best" in markdown
+    assert "Welch's t-test between their seeds, Holm-corrected over the 3 comparisons" in markdown
+    assert "residual: seed-to-seed (replicates)" in markdown
+    points = pd.read_csv(tmp_path / "nanoGPT_results_vijay_m1" / "results_by_point.csv")
+    assert list(points.n) == [3] * 4 and list(points.seeds) == [f"{p} {p + 1000} {p + 2000}" for p in means]
+    results = (tmp_path / "nanoGPT_results_vijay_m1" / "results.csv").read_text().splitlines()
+    assert len(results) == 13 and results[2].startswith(config("m1", 1).run_name[:-1] + "1001,")
+
+
+def test_select_keeps_every_replicate_and_the_latest_run_of_each(store):
+    experiment_id = ensure_experiment("nanosweep")
+    cfg = config("m1", 1)
+    first = log_known_run(experiment_id, "m1", 1, 1, cfg, {20: (2.0, 2.1)})  # no replicate tag: replicate 1
+    log_known_run(experiment_id, "m1", 1, 1, cfg.replace(seed=1001), {20: (2.0, 2.2)}, replicate=2)
+    rerun = log_known_run(experiment_id, "m1", 1, 1, cfg.replace(seed=1001), {20: (2.0, 2.3)}, replicate=2)
+    runs = query.select("nanosweep")
+    assert list(runs.replicate) == [1, 2] and list(runs.run_id) == [first, rerun]

@@ -85,6 +85,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ("grid: {n_head: [4]\n", "not valid YAML"),
         ("global_id_offset: -1\ngrid: {n_head: [4]}\n", "key 'global_id_offset' must be an integer >= 0, got -1"),
         ("grid: {n_head: [4], seed: [1, 2]}\n", "key 'seed' is not allowed"),
+        ("repeats: 0\ngrid: {n_head: [4]}\n", "key 'repeats' must be an integer >= 1 (seeds per grid point), got 0"),
+        ("repeats: two\ngrid: {n_head: [4]}\n", "key 'repeats' must be an integer >= 1"),
     ],
 )
 def test_malformed_member_files_name_the_file_and_the_key(tmp_path, text, message):
@@ -114,3 +116,27 @@ def test_unknown_member_and_profile_list_the_valid_ones(tmp_path):
     [spec] = load_members(SWEEPS, "deep_large")
     with pytest.raises(GridError, match=r"profile='slow' is unknown: choose one of full, quick"):
         expand(spec, "slow")
+
+
+def test_repeats_put_every_seed_of_a_point_side_by_side_with_distinct_seeds_and_the_points_global_id():
+    [spec] = load_members(SWEEPS, "shallow_small")
+    once, thrice = expand(spec, "quick"), expand(spec, "quick", repeats=3)
+    assert len(thrice) == 96 and [p for p in thrice if p.replicate == 1] == once  # replicate 1 is the study's run
+    first = thrice[:3]
+    assert [p.config.run_name for p in first] == [f"b64_L4_H4_E128_BS8_MI50_D10_s{s}" for s in (1, 1001, 2001)]
+    assert [(p.position, p.global_id, p.replicate) for p in first] == [(1, 1, 1), (1, 1, 2), (1, 1, 3)]
+    assert first[1].study_tags()["replicate"] == "2" and first[1].study_tags()["global_id"] == "1"
+    assert len({p.config.seed for p in thrice}) == len({p.config.config_hash for p in thrice}) == 96
+    # replicates differ by seed alone: what fused training groups by
+    assert {p.config.replace(seed=0) for p in first} == {first[0].config.replace(seed=0)}
+
+
+def test_repeats_below_one_or_on_a_grid_too_large_for_distinct_seeds_are_refused(tmp_path):
+    [spec] = load_members(SWEEPS, "shallow_small")
+    with pytest.raises(GridError, match=r"^repeats=0 is not allowed: it must be >= 1"):
+        expand(spec, "full", repeats=0)
+    levels = ", ".join(str(i) for i in range(1, 1001))
+    path = write(tmp_path, f"grid: {{max_iters: [{levels}]}}\n")
+    expand(load_member(path), "full")  # one seed per point: any size
+    with pytest.raises(GridError, match=r"1000 grid points with repeats=2: .* fewer than 1000 points"):
+        expand(load_member(path), "full", repeats=2)

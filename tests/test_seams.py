@@ -17,8 +17,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from conftest import TINY_MEMBER
 from nanosweep.tracking import TrackedRun, ensure_experiment
-from test_sweep import REPO, TINY_MEMBER, wait_for
+from test_sweep import REPO, wait_for
 
 BIN = Path(sys.executable).parent
 ONE_LONG_POINT = """\

@@ -1,5 +1,7 @@
 """The study's numbers from a table of runs: results CSVs, rankings, main effects, where overfitting sets in.
 
+How sure each number is (intervals, noise floor, ties, ANOVA) comes from `stats`.
+
 Pure functions of the DataFrames that `query` builds, so every figure is reproducible from the store.
 """
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from nanosweep import stats
 from nanosweep.query import CONFIG_FIELDS, member_order
 
 STUDY_HEADER = ["Experiment", "Train Loss", "Val Loss", "Loss Gap", "Total Params", "Config Path"]
@@ -23,6 +26,7 @@ COMBINED_COLUMNS = [
     "global_id",
     "member",
     "grid_position",
+    "replicate",
     "name",
     "profile",
     "run_kind",
@@ -36,6 +40,21 @@ COMBINED_COLUMNS = [
     "config_uri",
     "checkpoint_uri",
 ]
+EFFECT_COLUMNS = [
+    "scope",
+    "metric",
+    "factor",
+    "level",
+    "runs",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "min",
+    "max",
+    "effect",
+    "balanced",
+]
 RANKED_COLUMNS = ["member", "name", "val_loss", "train_loss", "loss_gap", "best_val_loss", "total_params"]
 
 
@@ -45,11 +64,12 @@ def study_folder(member: str) -> str:
 
 
 def results_csv(runs: pd.DataFrame) -> str:
-    """One member's results.csv exactly as the study wrote it (exact parameter counts), rows in grid order."""
+    """One member's results.csv as the study wrote it (exact parameter counts): a row per run (every seed replicate),
+    in grid order."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(STUDY_HEADER)
-    for row in runs.sort_values("grid_position", kind="stable").itertuples():
+    for row in runs.sort_values(["grid_position", "replicate"], kind="stable").itertuples():
         loss_gap = row.val_loss - row.train_loss
         writer.writerow(
             [
@@ -105,22 +125,30 @@ def is_balanced(runs: pd.DataFrame, factor: str, others: list[str]) -> bool:
     return all(c == combos[0] for c in combos)
 
 
+def scopes(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Each member's runs, then all of them together when there are several members."""
+    parts = [(member, group) for member, group in runs.groupby("member", sort=False)]
+    if runs["member"].nunique() > 1:
+        parts.append((ALL_SCOPE, runs))
+    return parts
+
+
 def main_effects(runs: pd.DataFrame, metric: str = "val_loss") -> pd.DataFrame:
     """Mean and spread of metric at each level of each varied hyperparameter, per member and over all members.
 
     `effect` is the range of the level means; with a balanced grid the other factors average out of it.
+    `ci_low`/`ci_high`: the 95 % interval of the level mean from the scope's ANOVA error term (nan without one).
     """
-    scopes = [(member, group) for member, group in runs.groupby("member", sort=False)]
-    if runs["member"].nunique() > 1:
-        scopes.append((ALL_SCOPE, runs))
     rows = []
-    for scope, group in scopes:
+    for scope, group in scopes(runs):
         factors = varied(group)
+        error = stats.anova(group, metric, factors)
         for factor in factors:
-            stats = group.groupby(factor)[metric].agg(["count", "mean", "std", "min", "max"])
+            levels = group.groupby(factor)[metric].agg(["count", "mean", "std", "min", "max"])
             balanced = is_balanced(group, factor, [f for f in factors if f != factor])
-            effect = stats["mean"].max() - stats["mean"].min()
-            for level, stat in stats.iterrows():
+            effect = levels["mean"].max() - levels["mean"].min()
+            for level, stat in levels.iterrows():
+                half = stats.level_half_width(error, int(stat["count"]))
                 rows.append(
                     {
                         "scope": scope,
@@ -130,14 +158,15 @@ def main_effects(runs: pd.DataFrame, metric: str = "val_loss") -> pd.DataFrame:
                         "runs": int(stat["count"]),
                         "mean": stat["mean"],
                         "std": stat["std"],
+                        "ci_low": stat["mean"] - half,
+                        "ci_high": stat["mean"] + half,
                         "min": stat["min"],
                         "max": stat["max"],
                         "effect": effect,
                         "balanced": balanced,
                     }
                 )
-    columns = ["scope", "metric", "factor", "level", "runs", "mean", "std", "min", "max", "effect", "balanced"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=EFFECT_COLUMNS)
 
 
 def importance(effects: pd.DataFrame) -> pd.DataFrame:
@@ -215,12 +244,23 @@ class Findings:
     importance_val: pd.DataFrame
     importance_gap: pd.DataFrame
     overfitting: pd.DataFrame
+    points: pd.DataFrame  # per grid point: n, mean, std, 95 % interval of each final loss
+    by_mean: pd.DataFrame  # grid points ranked by mean validation loss, with the test against the best
+    anova_val: stats.Anova  # factorial ANOVA of validation loss over the report's scope
+    anova_gap: stats.Anova  # the same for the loss gap
+    noise: stats.Noise  # seed-to-seed spread of validation loss (or the ANOVA residual without replicates)
+    interaction: tuple[str, str] | None  # the strongest two-way interaction on validation loss
 
 
 def findings(runs: pd.DataFrame, history: pd.DataFrame) -> Findings:
-    """Rankings, main effects and overfitting of a selection of runs (one profile, one or more members)."""
+    """Rankings, main effects, overfitting and their uncertainty for a selection of runs (one profile, members)."""
     effects_val = main_effects(runs, "val_loss")
     effects_gap = main_effects(runs, "loss_gap")
+    factors = varied(runs)
+    points = stats.point_stats(runs, list(HYPERPARAMETERS))
+    anova_val = stats.anova(runs, "val_loss", factors)
+    spread, df = stats.pooled_std(runs, "val_loss")
+    noise = stats.Noise(spread, df, stats.REPLICATES) if df else anova_val.noise
     return Findings(
         runs=runs,
         members=member_order(runs),
@@ -231,4 +271,10 @@ def findings(runs: pd.DataFrame, history: pd.DataFrame) -> Findings:
         importance_val=importance(effects_val),
         importance_gap=importance(effects_gap),
         overfitting=overfitting(runs, history),
+        points=points,
+        by_mean=stats.compare_with_best(runs, points, anova_val),
+        anova_val=anova_val,
+        anova_gap=stats.anova(runs, "loss_gap", factors),
+        noise=noise,
+        interaction=stats.strongest_interaction(anova_val.table),
     )

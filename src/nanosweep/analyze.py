@@ -30,6 +30,7 @@ from nanosweep.tracking import (
 )
 
 REPORT_TITLE = "nanosweep study report"
+POINTS_CSV = "results_by_point.csv"  # beside results.csv: per grid point n, mean, std, 95 % CI of each loss
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,10 @@ def write_plots(f: Findings, history: pd.DataFrame, folder: Path) -> None:
         "params_vs_val_loss": plots.params_vs_val_loss(f.runs, f.members),
         "main_effects_val_loss": plots.main_effects(f.effects, f.members, "val_loss"),
         "main_effects_loss_gap": plots.main_effects(f.effects, f.members, "loss_gap"),
+        "replicate_spread": plots.replicate_spread(f.runs, f.by_mean),
     }
+    if f.interaction:
+        figures["interaction_val_loss"] = plots.interaction(f.runs, f.interaction, f.anova_val)
     if len(f.members) > 1:
         figures["member_comparison"] = plots.member_comparison(f.runs, f.members)
     for member in f.members:
@@ -100,6 +104,8 @@ def write_outputs(f: Findings, history: pd.DataFrame, stage: Path, label: str, s
         folder = stage / study_folder(member)
         folder.mkdir()
         (folder / "results.csv").write_text(results_csv(f.runs[f.runs["member"] == member]), encoding="utf-8")
+        points = table_csv(f.points[f.points["member"] == member])
+        (folder / POINTS_CSV).write_text(points, encoding="utf-8")
     folder = stage / f"analysis-{label}"
     folder.mkdir()
     tables = {
@@ -107,7 +113,10 @@ def write_outputs(f: Findings, history: pd.DataFrame, stage: Path, label: str, s
         "ranking_val_loss.csv": table_csv(f.by_val_loss),
         "ranking_loss_gap.csv": table_csv(f.by_loss_gap),
         "best_per_member.csv": table_csv(f.best),
+        "ranking_mean_val_loss.csv": table_csv(f.by_mean),
         "main_effects.csv": table_csv(f.effects),
+        "anova_val_loss.csv": table_csv(f.anova_val.table),
+        "anova_loss_gap.csv": table_csv(f.anova_gap.table),
         "overfitting.csv": table_csv(f.overfitting),
     }
     for name, text in tables.items():
@@ -168,7 +177,7 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def summary(f: Findings, top: int = 10) -> str:
-    """The findings as terminal tables: best per member, top runs by validation loss and by gap, effects."""
+    """The findings for the terminal: the noise floor, best runs, top runs and configurations, effects, ANOVA."""
     scope = f.importance_val["scope"].iloc[-1] if len(f.importance_val) else None
     effects = f.importance_val[f.importance_val["scope"] == scope].drop(columns="scope")
     ranked = ["rank", "rank_in_member", "member", "name", "val_loss", "train_loss", "loss_gap"]
@@ -180,5 +189,8 @@ def summary(f: Findings, top: int = 10) -> str:
         (f"Top {top} by validation loss", f.by_val_loss[ranked].head(top)),
         (f"Top {top} by loss gap (smallest gap = best generalization)", f.by_loss_gap[ranked].head(top)),
         (f"Hyperparameter effects on validation loss ({scope}: range of level means)", effects),
+        (f"Top {top} configurations by mean validation loss", report.p_values(f.by_mean[report.BY_MEAN].head(top))),
+        ("ANOVA of validation loss", report.p_values(f.anova_val.table[report.ANOVA_SHOWN])),
     ]
-    return "\n\n".join(f"{title}\n{_table(frame)}" for title, frame in sections) + "\n"
+    noise = report.noise_sentence(f).replace("**", "").replace("`", "")
+    return noise + "\n\n" + "\n\n".join(f"{title}\n{_table(frame)}" for title, frame in sections) + "\n"

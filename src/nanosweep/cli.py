@@ -174,6 +174,13 @@ def train_group_command(
     help="at most N trials of one architecture train fused in one process; 1 = a process per trial; "
     "auto = every fusable trial on CUDA, the benchmarked size on CPU",
 )
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="seeds per grid point; 0 = the member file's `repeats` (default 1)",
+)
 @sweeps_dir_option
 @click.option("--dry-run", is_flag=True, help="show what would run, resume or be skipped, and stop")
 @input_option
@@ -186,6 +193,7 @@ def sweep_command(
     workers: int,
     trials_per_gpu: int,
     fuse: str,
+    repeats: int,
     sweeps_dir: Path | None,
     dry_run: bool,
     input_path: str | None,
@@ -215,6 +223,7 @@ def sweep_command(
         sweeps_dir=sweeps_dir or default_sweeps_dir(),
         input_path=input_path,
         dry_run=dry_run,
+        repeats=repeats,
     )
     try:
         sys.exit(run_sweep(opts))

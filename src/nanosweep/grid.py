@@ -19,11 +19,13 @@ from nanosweep.tracking import (
     GRID_POSITION_TAG,
     MEMBER_TAG,
     PROFILE_TAG,
+    REPLICATE_TAG,
     RUN_KIND_TAG,
 )
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-MEMBER_KEYS = {"member", "description", "global_id_offset", "fixed", "grid", "overrides"}
+MEMBER_KEYS = {"member", "description", "global_id_offset", "repeats", "fixed", "grid", "overrides"}
+SEED_STRIDE = 1000  # replicate r of grid position p has seed p + SEED_STRIDE * (r - 1): no two points share a seed
 
 
 class GridError(ConfigError):
@@ -48,6 +50,7 @@ class Member:
     fixed: dict[str, Any]
     grid: dict[str, list[Any]]  # expansion order: the last key varies fastest
     overrides: dict[str, Any]
+    repeats: int = 1  # seeds per grid point when the sweep's --repeats does not say
 
     @property
     def size(self) -> int:
@@ -71,6 +74,9 @@ def load_member(path: Path) -> Member:
     offset = doc.get("global_id_offset", 0)
     if not isinstance(offset, int) or offset < 0:
         raise GridError(f"{path}: key 'global_id_offset' must be an integer >= 0, got {offset!r}")
+    repeats = doc.get("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise GridError(f"{path}: key 'repeats' must be an integer >= 1 (seeds per grid point), got {repeats!r}")
     sections = {}
     for key in ("fixed", "grid", "overrides"):
         section = doc.get(key) or {}
@@ -88,7 +94,13 @@ def load_member(path: Path) -> Member:
     if "seed" in sections["grid"] or "seed" in sections["fixed"] or "seed" in sections["overrides"]:
         raise GridError(f"{path}: key 'seed' is not allowed: a run's seed is its 1-based grid position")
     return Member(
-        str(doc.get("member") or path.stem), path, offset, sections["fixed"], sections["grid"], sections["overrides"]
+        str(doc.get("member") or path.stem),
+        path,
+        offset,
+        sections["fixed"],
+        sections["grid"],
+        sections["overrides"],
+        repeats,
     )
 
 
@@ -137,13 +149,19 @@ def check_profile(profile: str) -> None:
         raise GridError(f"profile={profile!r} is unknown: choose one of {', '.join(PROFILES)}")
 
 
+def replicate_seed(position: int, replicate: int) -> int:
+    """The seed of a grid point's replicate: its position for replicate 1 (the study's run), then +1000 each."""
+    return position + SEED_STRIDE * (replicate - 1)
+
+
 @dataclass(frozen=True)
 class GridPoint:
     member: str
-    position: int  # 1-based position in the member's grid; also the seed
-    global_id: int
+    position: int  # 1-based position in the member's grid; the seed of replicate 1
+    global_id: int  # shared by every replicate of the point
     profile: str
     config: TrainConfig
+    replicate: int = 1  # 1-based seed replicate; config.seed is replicate_seed(position, replicate)
 
     def study_tags(self, run_kind: str = "trial") -> dict[str, str]:
         """The tags that place a run in the study: analysis and resuming select runs by them."""
@@ -152,14 +170,22 @@ class GridPoint:
             PROFILE_TAG: self.profile,
             GRID_POSITION_TAG: str(self.position),
             GLOBAL_ID_TAG: str(self.global_id),
+            REPLICATE_TAG: str(self.replicate),
             CONFIG_HASH_TAG: self.config.config_hash,
             RUN_KIND_TAG: run_kind,
         }
 
 
-def expand(member: Member, profile: str) -> list[GridPoint]:
-    """Every grid point in the study's order, validated, with the profile applied."""
+def expand(member: Member, profile: str, repeats: int = 1) -> list[GridPoint]:
+    """Every grid point in the study's order, validated, with the profile applied; its replicates side by side."""
     check_profile(profile)
+    if repeats < 1:
+        raise GridError(f"repeats={repeats} is not allowed: it must be >= 1 (seeds per grid point)")
+    if repeats > 1 and member.size >= SEED_STRIDE:
+        raise GridError(
+            f"{member.path}: {member.size} grid points with repeats={repeats}: replicate seeds step by "
+            f"{SEED_STRIDE}, so a grid with repeats must have fewer than {SEED_STRIDE} points"
+        )
     points = []
     for index, values in enumerate(itertools.product(*member.grid.values())):
         position = index + 1
@@ -168,7 +194,8 @@ def expand(member: Member, profile: str) -> list[GridPoint]:
             cfg = TrainConfig(**{**member.fixed, **chosen, **member.overrides, "seed": position})
         except (ConfigError, TypeError) as exc:
             raise GridError(f"{member.path}: grid point {position} {chosen}: {exc}") from None
-        points.append(
-            GridPoint(member.name, position, member.global_id_offset + position, profile, PROFILES[profile](cfg))
-        )
+        global_id = member.global_id_offset + position
+        for replicate in range(1, repeats + 1):
+            seeded = cfg.replace(seed=replicate_seed(position, replicate))
+            points.append(GridPoint(member.name, position, global_id, profile, PROFILES[profile](seeded), replicate))
     return points

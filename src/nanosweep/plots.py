@@ -15,6 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from nanosweep import stats  # noqa: E402
 from nanosweep.analysis import HYPERPARAMETERS  # noqa: E402
 
 Points = list[tuple[int, float]]
@@ -168,7 +169,7 @@ def params_vs_val_loss(runs: pd.DataFrame, members: list[str]) -> Figure:
 
 
 def main_effects(effects: pd.DataFrame, members: list[str], metric: str) -> Figure:
-    """Mean metric (with one standard deviation) at each level of each hyperparameter, per member and overall."""
+    """Mean metric at each level of each hyperparameter with its 95 % interval, per member and overall."""
     effects = effects[effects.metric == metric]
     factors = [h for h in HYPERPARAMETERS if h in set(effects.factor)]
     scopes = list(dict.fromkeys(effects.scope))
@@ -188,7 +189,7 @@ def main_effects(effects: pd.DataFrame, members: list[str], metric: str) -> Figu
             ax.errorbar(
                 x,
                 part["mean"],
-                yerr=part["std"].fillna(0),
+                yerr=(part["mean"] - part["ci_low"]).fillna(0),  # no error term, no interval: a bare line
                 color=colors.get(scope, "0.5"),
                 marker="o",
                 capsize=3,
@@ -203,7 +204,7 @@ def main_effects(effects: pd.DataFrame, members: list[str], metric: str) -> Figu
     for ax in axes[len(factors) :]:
         ax.set_visible(False)
     for ax in axes[::ncols]:
-        ax.set_ylabel(f"mean {METRIC_LABELS[metric]}\n({LOSS_UNITS}) ± 1 std")
+        ax.set_ylabel(f"mean {METRIC_LABELS[metric]}\n({LOSS_UNITS}), 95 % CI")
     # a factor may miss from some scopes (block_size varies only across members): one entry per scope, in order
     entries = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.legend([entries[s] for s in scopes], scopes, loc="center right", frameon=False)
@@ -238,4 +239,63 @@ def member_comparison(runs: pd.DataFrame, members: list[str]) -> Figure:
     fig.legend([star], ["best run of the member (lowest validation loss)"], loc="lower center", frameon=False)
     fig.suptitle("Members compared: final validation loss (top) and loss gap (bottom) of every run")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def interaction(runs: pd.DataFrame, factors: tuple[str, str], error: stats.Anova, metric: str = "val_loss") -> Figure:
+    """Mean metric over the levels of one factor, a line per level of the other, with 95 % intervals of each mean.
+
+    Parallel lines: no interaction; lines that converge or cross: the effect of one factor depends on the other.
+    """
+    across, lines = factors
+    cells = runs.groupby([lines, across])[metric].agg(["count", "mean"]).reset_index()
+    levels = sorted(runs[across].unique())
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.subplots()
+    palette = plt.get_cmap("tab10")
+    for i, (value, part) in enumerate(cells.groupby(lines)):
+        half = [stats.level_half_width(error, int(count)) for count in part["count"]]
+        ax.errorbar(
+            [levels.index(level) for level in part[across]],
+            part["mean"],
+            yerr=[0 if math.isnan(h) else h for h in half],
+            color=palette(i % palette.N),
+            marker="o",
+            capsize=3,
+            label=f"{lines} {value:g}",
+            gid=f"{lines}={value:g}",
+        )
+    ax.set_xticks(range(len(levels)), [f"{level:g}" for level in levels])
+    ax.set_xlim(-0.5, len(levels) - 0.5)
+    ax.set_xlabel(across)
+    ax.set_ylabel(f"mean {METRIC_LABELS[metric]}\n({LOSS_UNITS}), 95 % CI")
+    ax.set_title(f"Interaction of {across} and {lines} on {METRIC_LABELS[metric]}")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def replicate_spread(runs: pd.DataFrame, ranked: pd.DataFrame, metric: str = "val_loss") -> Figure:
+    """Every seed's final metric per grid point (dots), its mean and 95 % t interval, best configuration on top.
+
+    Points that cannot be told apart from the best are drawn in color, the others in grey.
+    """
+    fig = Figure(figsize=(10, max(3.2, 1.4 + 0.26 * len(ranked))))
+    ax = fig.subplots()
+    values = {key: group[metric].to_numpy() for key, group in runs.groupby(stats.POINT)}
+    for y, row in zip(range(len(ranked) - 1, -1, -1), ranked.itertuples()):
+        color = "tab:blue" if row.tied_with_best else "0.55"
+        seeds = values[(row.member, row.grid_position)]
+        ax.scatter(seeds, [y] * len(seeds), s=14, color=color, alpha=0.7, zorder=3, gid=row.point)
+        mean, low, high = (getattr(row, f"{metric}_{part}") for part in ("mean", "ci_low", "ci_high"))
+        if not math.isnan(low):
+            ax.plot([low, high], [y, y], color=color, linewidth=1.6, zorder=2)
+        ax.scatter([mean], [y], marker="|", s=160, color="black", zorder=4)
+    labels = [f"{row.point} ({row.member})" for row in ranked.itertuples()][::-1]
+    ax.set_yticks(range(len(ranked)), labels, fontsize=7)
+    ax.set_xlabel(f"final {METRIC_LABELS[metric]} ({LOSS_UNITS})")
+    ax.set_title("Seeds per grid point: dots = runs, bar = mean, line = 95 % CI (blue: tied with the best)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
     return fig

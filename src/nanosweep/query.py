@@ -24,6 +24,7 @@ from nanosweep.tracking import (
     MEMBER_TAG,
     MODEL_RUN_KINDS,
     PROFILE_TAG,
+    REPLICATE_TAG,
     RUN_KIND_TAG,
     StudyScope,
     TrackingError,
@@ -58,6 +59,7 @@ def _row(run: Any) -> dict[str, Any] | None:
         "run_kind": tags.get(RUN_KIND_TAG, ""),
         "grid_position": int(tags[GRID_POSITION_TAG]),
         "global_id": int(tags[GLOBAL_ID_TAG]),
+        "replicate": int(tags.get(REPLICATE_TAG, 1)),  # imported and older runs carry one seed: replicate 1
     }
     defaults = TrainConfig()
     for field in CONFIG_FIELDS:
@@ -125,7 +127,7 @@ def member_order(runs: pd.DataFrame) -> list[str]:
 
 
 def select(where: StudyScope | str, member: str = ALL_MEMBERS, profile: str = AUTO_PROFILE) -> pd.DataFrame:
-    """The latest finished run per grid point of one member (or all) and one profile, in global id order.
+    """The latest finished run per grid point and seed replicate of one member (or all) and one profile, in id order.
 
     A member whose runs lie in several experiments is refused unless the scope names one.
     """
@@ -144,9 +146,10 @@ def select(where: StudyScope | str, member: str = ALL_MEMBERS, profile: str = AU
     for name, group in runs.groupby("member", sort=False):
         if group["experiment_id"].nunique() > 1:
             raise scope.spread_error(f"member {name!r} ({profile})", set(group["experiment_id"]))
-    # a grid point trained twice (a rerun, or an import beside a sweep): the latest run is the result
-    runs = runs.sort_values("start_time", kind="stable").drop_duplicates(["member", "grid_position"], keep="last")
-    return runs.sort_values(["global_id", "grid_position"], kind="stable").reset_index(drop=True)
+    # a replicate trained twice (a rerun, or an import beside a sweep): the latest run is the result
+    point = ["member", "grid_position", "replicate"]
+    runs = runs.sort_values("start_time", kind="stable").drop_duplicates(point, keep="last")
+    return runs.sort_values(["global_id", "grid_position", "replicate"], kind="stable").reset_index(drop=True)
 
 
 def find_run(where: StudyScope | str, name_or_id: str) -> tuple[str, str]:

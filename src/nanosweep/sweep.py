@@ -59,6 +59,7 @@ class SweepOptions:
     sweeps_dir: Path = Path("sweeps")
     input_path: str | None = None
     dry_run: bool = False
+    repeats: int = 0  # seeds per grid point; 0: the member file's `repeats` (default 1)
 
 
 @dataclass
@@ -317,7 +318,7 @@ def _drive(
 def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     """Run the member grid(s) to the end; 0 when every point is finished, 1 when some failed."""
     members = load_members(opts.sweeps_dir, opts.member)
-    points = [point for member in members for point in expand(member, opts.profile)]
+    points = [point for member in members for point in expand(member, opts.profile, opts.repeats or member.repeats)]
     prepared = prepare(opts.input_path)  # once, here, so trials never race to write it
     for point in points:
         check_fits(point.config, prepared)

@@ -36,6 +36,7 @@ MEMBER_TAG = "member"  # shallow_small, deep_small, ... (a file in sweeps/)
 PROFILE_TAG = "profile"  # full (the study's recipe) or quick (CPU-sized); never mixed in analysis
 GRID_POSITION_TAG = "grid_position"  # 1-based position in the member's grid, also the seed
 GLOBAL_ID_TAG = "global_id"  # the study's id across members (1-128)
+REPLICATE_TAG = "replicate"  # 1-based seed replicate of the grid point; runs without it are replicate 1
 CONFIG_HASH_TAG = "config_hash"  # TrainConfig.config_hash: equal hashes train the same thing
 RUN_KIND_TAG = "run_kind"  # trial (of a sweep), train (nanosweep train alone), sweep, analysis or imported
 MODEL_RUN_KINDS = ("trial", "train", "imported")  # runs that hold a trained model, named by `sample --name`
