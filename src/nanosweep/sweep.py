@@ -117,11 +117,11 @@ def process_alive(tags: dict[str, str]) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
 
 
-def end_stale_sweeps(experiment_id: str, keep: str | None) -> None:
-    """End KILLED the parent runs left RUNNING by sweeps that were killed outright (SIGKILL, power loss)."""
-    for run in search_runs([experiment_id], f"tags.{RUN_KIND_TAG} = 'sweep' and attributes.status = 'RUNNING'"):
+def end_stale_sweeps(experiment_id: str, keep: str | None, kind: str = "sweep") -> None:
+    """End KILLED the parent runs (of a sweep, or a search) left RUNNING by drivers killed outright (SIGKILL)."""
+    for run in search_runs([experiment_id], f"tags.{RUN_KIND_TAG} = '{kind}' and attributes.status = 'RUNNING'"):
         if run.info.run_id != keep and not process_alive(run.data.tags):
-            TrackedRun(run.info.run_id).finish("KILLED", "the sweep process was killed; a later sweep took over")
+            TrackedRun(run.info.run_id).finish("KILLED", f"the {kind} process was killed; a later {kind} took over")
 
 
 def plan(points: list[GridPoint], experiment_id: str) -> list[PlannedTrial]:
@@ -196,9 +196,9 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
-def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progress) -> None:
-    """Record a trial's end; a process that died without ending its run (OOM, SIGKILL) fails it here."""
-    planned = by_run[exit.launch.run_id]
+def close_trial_run(exit: TrialExit) -> Any:
+    """The ended trial's run with its output under logs/; a process that died without ending it (OOM, SIGKILL)
+    fails it here."""
     run = TrackedRun(exit.launch.run_id)
     info = run.info()
     if info.info.status == "RUNNING":
@@ -206,6 +206,13 @@ def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progres
         run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
         info = run.info()
     run.log_file(exit.launch.log_path, "logs")
+    return info
+
+
+def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progress) -> None:
+    """Record a trial's end in its plan and the progress line."""
+    planned = by_run[exit.launch.run_id]
+    info = close_trial_run(exit)
     planned.status, planned.seconds = info.info.status, exit.seconds
     planned.val_loss = info.data.metrics.get("val_loss")
     progress.running -= 1

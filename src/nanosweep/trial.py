@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -17,11 +18,19 @@ from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import SOURCE_URL, Batches, PreparedData, prepare
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
 from nanosweep.tracking import CONFIG_HASH_TAG, HOST_TAG, PID_TAG, TrackedRun, TrackingError, ensure_experiment
-from nanosweep.train import Hardware, build_model, resolve_hardware, train
+from nanosweep.train import Hardware, RunObserver, build_model, resolve_hardware, train
 
 
 class Interrupted(BaseException):
     """SIGTERM (or SIGINT) reached a trial: the run ends KILLED, its last checkpoint kept for resuming."""
+
+
+class StoppedEarly(Exception):
+    """An observer stopped training on purpose (a search's pruner): the run ends FINISHED with these tags."""
+
+    def __init__(self, reason: str, tags: dict[str, str]):
+        super().__init__(reason)
+        self.tags = tags
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -44,8 +53,12 @@ def run_trial(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     input_path: str | None = None,
+    watch: Callable[[RunObserver], RunObserver] | None = None,
 ) -> str:
-    """Train cfg into run_id (or MLFLOW_RUN_ID, or a new run), resuming from its checkpoint; return the run id."""
+    """Train cfg into run_id (or MLFLOW_RUN_ID, or a new run), resuming from its checkpoint; return the run id.
+
+    watch wraps the run's observer (a search's pruner); it may end training early with StoppedEarly.
+    """
     # everything that can be refused is refused before a run exists
     prepared = prepare(input_path)
     check_fits(cfg, prepared)
@@ -68,7 +81,11 @@ def run_trial(
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        _train_into(run, cfg, prepared, hardware)
+        _train_into(run, cfg, prepared, hardware, watch)
+    except StoppedEarly as stop:
+        run.set_tags(stop.tags)
+        run.finish("FINISHED", str(stop))
+        return run.run_id
     except (Interrupted, KeyboardInterrupt) as exc:
         run.finish("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
         raise
@@ -81,7 +98,13 @@ def run_trial(
     return run.run_id
 
 
-def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardware: Hardware) -> None:
+def _train_into(
+    run: TrackedRun,
+    cfg: TrainConfig,
+    prepared: PreparedData,
+    hardware: Hardware,
+    watch: Callable[[RunObserver], RunObserver] | None,
+) -> None:
     vocab = prepared.vocab()
     model = build_model(cfg, vocab.size)
     # host and pid let a later sweep tell a live RUNNING run from one whose process was killed
@@ -108,7 +131,8 @@ def _train_into(run: TrackedRun, cfg: TrainConfig, prepared: PreparedData, hardw
     run.log_text(vocab.to_json(), "vocab.json")
     run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
 
-    outcome = train(cfg, model, batches, run, resume_from=run.download_checkpoint())
+    observer = watch(run) if watch else run
+    outcome = train(cfg, model, batches, observer, resume_from=run.download_checkpoint())
 
     run.log_metrics(
         {"loss_gap": outcome.val_loss - outcome.train_loss, "best_val_loss": outcome.best_val_loss},
