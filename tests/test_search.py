@@ -9,10 +9,10 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
-from test_sweep import finish, study_runs, wait_for
 
 from nanosweep.space import SpaceError, load_space
 from nanosweep.sweep import process_alive
+from test_sweep import finish, study_runs, wait_for
 
 TINY_SPACE = """\
 profile: full
@@ -90,7 +90,7 @@ def test_a_search_nests_trials_under_one_parent_prunes_and_is_analysed(store, tm
     csv = (folder / "trials.csv").read_text().splitlines()
     assert csv[0].startswith("trial,state,val_loss,iterations,learning_rate,n_head,run_name,run_id")
     assert len(csv) == 7 and sum(",PRUNED," in line for line in csv) == len(pruned)
-    best = min((t for t in trials.values() if t.value is not None and t.state.name == "COMPLETE"), key=lambda t: t.value)
+    best = min((t for t in trials.values() if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert f"Trial {best.number} reached validation loss **{best.value:.4f}**" in (folder / "report.md").read_text()
     assert "data:image/png;base64," in (folder / "report.html").read_text()
 

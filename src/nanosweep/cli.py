@@ -258,12 +258,12 @@ def analyze_command(
     """Results CSVs, rankings, main effects, plots and a report from the finished runs in the store."""
     from nanosweep.analyze import analyze, summary
 
-    connect(tracking_uri)
+    uri = connect(tracking_uri)
     if search is not None:
         from nanosweep.search import study_storage
         from nanosweep.search_report import analyze_search
 
-        searched = analyze_search(search, study_storage(connect(tracking_uri), storage), out)
+        searched = analyze_search(search, study_storage(uri, storage), out)
         click.echo(searched.trials.drop(columns=["run_id"]).to_string(index=False))
         click.echo(f"wrote {len(searched.files)} files; report: {searched.folder / 'report.html'}")
         return

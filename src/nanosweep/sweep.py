@@ -197,8 +197,7 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def close_trial_run(exit: TrialExit) -> Any:
-    """The ended trial's run with its output under logs/; a process that died without ending it (OOM, SIGKILL)
-    fails it here."""
+    """The ended trial's run, its output added under logs/; FAILED here if its process died without ending it."""
     run = TrackedRun(exit.launch.run_id)
     info = run.info()
     if info.info.status == "RUNNING":
