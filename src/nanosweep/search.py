@@ -89,10 +89,13 @@ def study_storage(tracking_uri: str, storage: str | None) -> str:
     )
 
 
-def make_sampler(name: str, space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, space: SearchSpace, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
     """Optuna's sampler for a --sampler name (refused here when the space or the installation cannot serve it)."""
-    if name == "tpe":  # constant_liar: running trials count as bad, so parallel workers spread out
-        return optuna.samplers.TPESampler(constant_liar=True, seed=seed)
+    if name == "tpe":
+        # constant_liar: running trials count as bad, so parallel workers spread out; a small search starts
+        # modelling after a quarter of its trials rather than Optuna's fixed 10 random ones
+        startup = max(1, min(10, trials // 4))
+        return optuna.samplers.TPESampler(n_startup_trials=startup, constant_liar=True, seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
@@ -215,7 +218,7 @@ class Driver:
         self.opts, self.space, self.study, self.storage = opts, space, study, storage
         self.parent_id = parent_id
         self.experiment_id = run_experiment_id(parent_id)
-        self.prepared = prepare(opts.input_path)  # already prepared by run_search: this only reads it
+        self.prepared = prepare(opts.input_path)  # run_search prepared it already: this checks and reads it
         self.log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
         self.active: dict[str, Active] = {}  # run id -> trial
         self.failed: list[str] = []  # run names of trials that failed or were left KILLED in this invocation
@@ -266,14 +269,13 @@ class Driver:
                     new -= 1
                 self.start(executor, number, trial_id, run_id, cfg)
                 progress.running += 1
-                progress.report(f"trial {number} started ({how}): {cfg.run_name} lr {cfg.learning_rate:.3g}")
+                progress.report(f"trial {number} started ({how}): {cfg.run_name}, {describe(cfg, self.space)}")
             for exit in executor.wait(timeout=1.0):
                 self.collect(close_trial_run(exit), progress, exit.seconds)
 
     def collect(self, info: Any, progress: Progress, seconds: float) -> None:
         active = self.active.pop(info.info.run_id)
-        trial = self.study.trials[active.number]
-        state = tell(self.study, trial, info)
+        state = tell(self.study, self.study.trials[active.number], info)
         progress.running -= 1
         event = f"trial {active.number} {state} in {seconds:.1f}s"
         if state in ("COMPLETE", "PRUNED"):
@@ -289,16 +291,21 @@ class Driver:
         progress.report(event)
 
 
-def format_trials(study: optuna.Study) -> str:
-    """The launched trials as a table: number, state, final (or last) val_loss, iterations, run."""
-    header = f"{'trial':>5}  {'state':<9} {'val_loss':>8} {'iters':>6}  {'learning_rate':>13}  run"
+def describe(cfg: TrainConfig, space: SearchSpace) -> str:
+    """The searched values of a configuration, e.g. n_head=4, learning_rate=0.00031."""
+    values = {name: getattr(cfg, name) for name in space.params}
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def format_trials(study: optuna.Study, space: SearchSpace) -> str:
+    """The launched trials as a table: number, state, final (or last) val_loss, iterations, run, searched values."""
+    header = f"{'trial':>5}  {'state':<9} {'val_loss':>8} {'iters':>6}  {'run':<32}  searched values"
     lines = [header, "-" * len(header)]
     for t in sorted(launched(study), key=lambda t: t.number):
         value = f"{t.value:.4f}" if t.value is not None else "-"
-        lr = t.params.get("learning_rate")
         lines.append(
             f"{t.number:>5}  {t.state.name:<9} {value:>8} {t.user_attrs.get(ITERATIONS_ATTR, '-')!s:>6}  "
-            f"{f'{lr:.3g}' if lr is not None else '-':>13}  {t.user_attrs[RUN_ID_ATTR]}"
+            f"{t.user_attrs[RUN_ID_ATTR]:<32}  {describe(space.config(t.params), space)}"
         )
     return "\n".join(lines)
 
@@ -323,7 +330,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     """Continue the space's study to opts.trials trained trials; 0 when all ended COMPLETE or PRUNED, else 1."""
     check_options(opts)
     space = load_space(opts.space)
-    sampler = make_sampler(opts.sampler, space, opts.sampler_seed)
+    sampler = make_sampler(opts.sampler, space, opts.sampler_seed, opts.trials)
     prepare(opts.input_path)  # once, here, so trials never race to write it
     storage = study_storage(mlflow.get_tracking_uri(), opts.storage)
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
@@ -336,7 +343,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     new = max(0, target - len(launched(study)))
     name = f"search-{space.name}"
     if not attached and not resume and not new:
-        stream.write(format_trials(study) + "\n")
+        stream.write(format_trials(study, space) + "\n")
         stream.write(f"{name}: nothing to run: {ended} trial(s) ended, {len(busy)} running elsewhere, of {target}\n")
         return 0
 
@@ -388,7 +395,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(driver.log_dir, ignore_errors=True)
 
-    summary = format_trials(study)
+    summary = format_trials(study, space)
     stream.write(summary + "\n")
     parent.log_text(summary + "\n", "summary.txt")
     trials = launched(study)
