@@ -2,8 +2,8 @@
 
 Each arm is `nanosweep search` as a user runs it, into its own fresh SQLite store under bench/out/search/,
 on the dimensions of shallow_small at width 128 (block 64, 4 layers, n_embd 128; heads, batch, length,
-dropout: 16 configurations) with the quick profile. Reported per arm: trials, pruned, total trained iterations, iterations
-weighted by each configuration's cost per iteration, best final validation loss, wall time.
+dropout: 16 configurations) with the quick profile. Reported per arm: trials, pruned, total trained
+iterations, iterations weighted by each configuration's cost per iteration, best final validation loss, wall time.
 """
 
 from __future__ import annotations
