@@ -10,6 +10,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from nanosweep.search import SearchError, make_sampler, open_study, redacted, study_storage
 from nanosweep.space import SpaceError, load_space
 from nanosweep.sweep import process_alive
 from test_sweep import finish, study_runs, wait_for
@@ -185,3 +186,25 @@ def test_the_example_space_covers_the_study_dimensions_and_the_learning_rate():
     study_dims = {"block_size", "n_layer", "n_head", "n_embd", "batch_size", "max_iters", "dropout"}
     assert set(space.params) == study_dims | {"learning_rate"}
     assert space.params["learning_rate"].log and space.name == "width_lr"
+
+
+def test_the_study_sits_beside_a_sqlite_store_and_a_server_needs_a_database(monkeypatch):
+    monkeypatch.delenv("NANOSWEEP_OPTUNA_STORAGE", raising=False)
+    assert study_storage("sqlite:///mlflow.db", None) == "sqlite:///optuna.db"
+    assert study_storage("sqlite:////data/runs/mlflow.db", None) == "sqlite:////data/runs/optuna.db"
+    with pytest.raises(SearchError, match="http://127.0.0.1:5000 is not a local SQLite file.*--storage URL"):
+        study_storage("http://127.0.0.1:5000", None)
+    monkeypatch.setenv("NANOSWEEP_OPTUNA_STORAGE", "postgresql://u:secret@db/optuna")
+    assert study_storage("http://127.0.0.1:5000", None) == "postgresql://u:secret@db/optuna"
+    assert study_storage("http://127.0.0.1:5000", "sqlite:///x.db") == "sqlite:///x.db"
+    assert "secret" not in redacted("postgresql://u:secret@db/optuna")
+
+
+def test_a_changed_space_does_not_continue_the_old_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = load_space(write_space(tmp_path))
+    open_study(space, storage, make_sampler("random", space, 0, 4), "asha")
+    open_study(space, storage, make_sampler("tpe", space, 0, 4), "median")  # other sampler and pruner: same study
+    changed = load_space(write_space(tmp_path, iters=80))
+    with pytest.raises(SearchError, match="tiny.yaml changed since study 'tiny' started"):
+        open_study(changed, storage, make_sampler("random", changed, 0, 4), "asha")

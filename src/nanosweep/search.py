@@ -10,14 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
-import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 import mlflow
@@ -31,20 +28,25 @@ from nanosweep.data import PreparedData, prepare
 from nanosweep.executors import Executor, LocalProcessPool, TrialLaunch, plan_slots
 from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage
 from nanosweep.space import SearchSpace, load_space
-from nanosweep.sweep import STOP_GRACE_SECONDS, Progress, close_trial_run, end_stale_sweeps, process_alive
+from nanosweep.sweep import (
+    Progress,
+    close_trial_run,
+    end_stale_sweeps,
+    open_parent,
+    process_alive,
+    stop_trials_on_interrupt,
+)
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
     DEFAULT_EXPERIMENT,
-    HOST_TAG,
     PARENT_RUN_TAG,
-    PID_TAG,
     PROFILE_TAG,
     RUN_KIND_TAG,
     TrackedRun,
     ensure_experiment,
     run_experiment_id,
 )
-from nanosweep.trial import Interrupted, check_fits
+from nanosweep.trial import check_fits
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 STORAGE_ENV = "NANOSWEEP_OPTUNA_STORAGE"  # the study's database when the tracking store is not a local SQLite file
@@ -310,10 +312,6 @@ def format_trials(study: optuna.Study, space: SearchSpace) -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
-
-
 def redacted(url: str) -> str:
     """A database URL without its password, fit for a run's params."""
     return make_url(url).render_as_string(hide_password=True)
@@ -347,17 +345,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
         stream.write(f"{name}: nothing to run: {ended} trial(s) ended, {len(busy)} running elsewhere, of {target}\n")
         return 0
 
-    parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: "search"})
-    parent.set_tags(
-        {
-            RUN_KIND_TAG: "search",
-            "mlflow.runName": name,
-            SEARCH_TAG: space.name,
-            PROFILE_TAG: space.profile,
-            HOST_TAG: socket.gethostname(),
-            PID_TAG: os.getpid(),
-        }
-    )
+    parent = open_parent(experiment_id, attached, name, "search", {SEARCH_TAG: space.name, PROFILE_TAG: space.profile})
     parent.log_params(
         {
             "space": str(opts.space),
@@ -381,18 +369,11 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     )
 
     driver = Driver(opts, space, study, storage, parent.run_id)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     try:
-        driver.run(executor, resume, new, progress)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        reason = exc.args[0] if exc.args else "SIGINT"
-        stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
-        executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
-        parent.finish("KILLED", f"interrupted by {reason}")
-        raise
+        with stop_trials_on_interrupt(name, executor, parent, stream):
+            driver.run(executor, resume, new, progress)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(driver.log_dir, ignore_errors=True)
 
     summary = format_trials(study, space)

@@ -7,6 +7,7 @@ to a new SQLite store corrupt it (MLFLOW-NOTES).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -248,6 +250,30 @@ def _drive(
             _collect(exit, by_run, progress)
 
 
+def open_parent(experiment_id: str, attached: str | None, name: str, kind: str, tags: dict[str, Any]) -> TrackedRun:
+    """The parent run of a sweep or a search (the run `mlflow run` created, else a new one), tagged with its driver."""
+    parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: kind})
+    driver = {HOST_TAG: socket.gethostname(), PID_TAG: os.getpid()}
+    parent.set_tags({RUN_KIND_TAG: kind, "mlflow.runName": name, **tags, **driver})
+    return parent
+
+
+@contextlib.contextmanager
+def stop_trials_on_interrupt(name: str, executor: Executor, parent: TrackedRun, stream: TextIO) -> Iterator[None]:
+    """On SIGTERM or Ctrl-C stop the running trials (they end KILLED, to be resumed) and end the parent KILLED."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt) as exc:
+        reason = exc.args[0] if exc.args else "SIGINT"
+        stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
+        executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
+        parent.finish("KILLED", f"interrupted by {reason}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     """Run the member grid(s) to the end; 0 when every point is finished, 1 when some failed."""
     members = load_members(opts.sweeps_dir, opts.member)
@@ -271,17 +297,7 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         stream.write(format_table(plans, with_results=True) + "\n")
         stream.write(f"{name}: nothing to run: every grid point is finished or running elsewhere\n")
         return 0
-    parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: "sweep"})
-    parent.set_tags(
-        {
-            RUN_KIND_TAG: "sweep",
-            "mlflow.runName": name,
-            MEMBER_TAG: opts.member,
-            PROFILE_TAG: opts.profile,
-            HOST_TAG: socket.gethostname(),
-            PID_TAG: os.getpid(),
-        }
-    )
+    parent = open_parent(experiment_id, attached, name, "sweep", {MEMBER_TAG: opts.member, PROFILE_TAG: opts.profile})
     parent.log_params(
         {
             "member": opts.member,
@@ -300,18 +316,11 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     progress.report(f"{name}: {len(plans)} grid points, {executor.capacity} at a time on {where}")
 
     log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     try:
-        _drive(plans, executor, experiment_id, parent.run_id, progress, log_dir)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        reason = exc.args[0] if exc.args else "SIGINT"
-        stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
-        executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
-        parent.finish("KILLED", f"interrupted by {reason}")
-        raise
+        with stop_trials_on_interrupt(name, executor, parent, stream):
+            _drive(plans, executor, experiment_id, parent.run_id, progress, log_dir)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(log_dir, ignore_errors=True)
 
     summary = format_table(plans, with_results=True)
