@@ -40,7 +40,7 @@ def cost(params: dict) -> float:
 
 
 def run_arm(name: str, extra: list[str], trials: int, seed: int, out: Path) -> dict:
-    folder = out / name
+    folder = out.resolve() / name
     folder.mkdir(parents=True, exist_ok=False)
     space = folder / "shallow_small_space.yaml"
     space.write_text(SPACE)

@@ -26,6 +26,7 @@ params:
   learning_rate: %(lr)s
 """
 LR_RANGE = "{low: 1.0e-5, high: 1.0e-2, log: true}"
+PATIENCE = 900  # seconds a search may take on a loaded machine (about a minute when the CPU is free)
 
 
 def write_space(folder: Path, name: str = "tiny", iters: int = 40, every: int = 10, lr: str = LR_RANGE) -> Path:
@@ -49,7 +50,7 @@ def launched(s: optuna.Study) -> list:
 
 def test_a_search_nests_trials_under_one_parent_prunes_and_is_analysed(store, tmp_path):
     space = write_space(tmp_path)
-    code, output = finish(search(space, "--trials", "6", "--sampler", "random", "--sampler-seed", "3"))
+    code, output = finish(search(space, "--trials", "6", "--sampler", "random", "--sampler-seed", "3"), PATIENCE)
     assert code == 0, output
     [parent] = study_runs("search")
     children = study_runs("search_trial")
@@ -78,7 +79,7 @@ def test_a_search_nests_trials_under_one_parent_prunes_and_is_analysed(store, tm
             assert {"ckpt.pt", "vocab.json", "samples", "loss_curve.png", "logs"} <= artifacts
         assert sorted(trial.intermediate_values) == sorted(steps)  # every evaluation reported as it happened
 
-    code, output = finish(search(space, "--trials", "6"))  # the same total again: nothing to do
+    code, output = finish(search(space, "--trials", "6"), PATIENCE)  # the same total again: nothing to do
     assert code == 0 and "search-tiny: nothing to run: 6 trial(s) ended" in output
     assert len(study_runs("search")) == 1
 
@@ -105,14 +106,14 @@ def test_sigkill_mid_trial_then_rerun_resumes_that_trial_and_reaches_the_total_w
         runs = [r for r in study_runs("search_trial") if r.info.status == "RUNNING"]
         return next((r for r in runs if int(r.data.tags.get("nanosweep.checkpoint_iter", 0)) >= 50), None)
 
-    victim = wait_for(cut_off_run)
+    victim = wait_for(cut_off_run, PATIENCE)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     wait_for(lambda: not process_alive(victim.data.tags))
     [killed] = [t for t in launched(study(tmp_path)) if t.user_attrs["run_id"] == victim.info.run_id]
     assert killed.state == optuna.trial.TrialState.RUNNING  # nobody could tell Optuna
 
-    code, output = finish(search(space, *args))
+    code, output = finish(search(space, *args), PATIENCE)
     assert code == 0, output
     assert f"trial {killed.number} started (resume)" in output
     trials = launched(study(tmp_path))
@@ -133,7 +134,7 @@ def test_sigkill_mid_trial_then_rerun_resumes_that_trial_and_reaches_the_total_w
 def test_two_workers_never_train_the_same_configuration(store, tmp_path):
     space = write_space(tmp_path, iters=20, lr="{choices: [0.001, 0.003]}")  # 2 heads x 2 rates: 4 configurations
     args = ("--trials", "6", "--workers", "2", "--sampler", "random", "--sampler-seed", "0", "--pruner", "none")
-    code, output = finish(search(space, *args))
+    code, output = finish(search(space, *args), PATIENCE)
     assert code == 0, output
     assert "4 new, 2 at a time" in output  # 6 asked for, the space holds 4
     s = study(tmp_path)
@@ -171,10 +172,10 @@ def test_a_malformed_space_is_refused_naming_file_and_key(tmp_path, text, messag
 def test_the_cli_refuses_a_malformed_space_in_one_line_and_writes_nothing(store, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("params: {dropout: {low: 0.5, high: 0.1}}\n")
-    code, output = finish(search(path, "--trials", "2"))
+    code, output = finish(search(path, "--trials", "2"), PATIENCE)
     assert code == 1 and output.startswith(f"Error: {path}: key 'params.dropout': ") and output.count("\n") == 1
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
-    code, output = finish(search(write_space(tmp_path), "--trials", "2", "--sampler", "grid"))
+    code, output = finish(search(write_space(tmp_path), "--trials", "2", "--sampler", "grid"), PATIENCE)
     assert (code, output) == (
         1,
         f"Error: sampler='grid' needs choices for every param of {tmp_path / 'tiny.yaml'}; learning_rate is a range\n",
