@@ -70,6 +70,11 @@ sweeps_dir_option = click.option(
     default=None,
     help="folder of member YAML files (default: NANOSWEEP_SWEEPS_DIR, ./sweeps, else the checkout's sweeps/)",
 )
+storage_option = click.option(
+    "--storage",
+    default=None,
+    help="Optuna study database URL (default: NANOSWEEP_OPTUNA_STORAGE, else optuna.db beside a SQLite tracking store)",
+)
 experiment_option = click.option(
     "--experiment",
     default=None,
@@ -101,6 +106,11 @@ def prepare_command(input_path: str | None) -> None:
 @experiment_option
 @click.option("--run-id", default=None, help="train into this existing run, resuming from its checkpoint")
 @click.option("--parent-run-id", default=None, help="nest the new run under this run")
+# set by `nanosweep search` for its trial processes: report val_loss to this Optuna trial, which may prune the run
+@click.option("--optuna-storage", default=None, hidden=True)
+@click.option("--optuna-study", default=None, hidden=True)
+@click.option("--optuna-trial-id", type=int, default=None, hidden=True)
+@click.option("--optuna-pruner", default="none", hidden=True)
 @user_errors
 def train_command(
     input_path: str | None,
@@ -108,6 +118,10 @@ def train_command(
     experiment: str | None,
     run_id: str | None,
     parent_run_id: str | None,
+    optuna_storage: str | None,
+    optuna_study: str | None,
+    optuna_trial_id: int | None,
+    optuna_pruner: str,
     **fields: Any,
 ) -> None:
     """Train one configuration as one MLflow run."""
@@ -116,8 +130,13 @@ def train_command(
     cfg = TrainConfig(**fields)
     connect(tracking_uri)
     new_runs_go_to = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a train run is no grid point: no search
+    watch = None
+    if optuna_study is not None:  # a search trial; only then is Optuna imported
+        from nanosweep.pruning import pruning_observer
+
+        watch = pruning_observer(optuna_storage, optuna_study, optuna_trial_id, optuna_pruner)
     try:
-        run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path)
+        run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path, watch=watch)
     except (Interrupted, KeyboardInterrupt) as exc:
         click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): run ended KILLED", err=True)
         sys.exit(130)
@@ -234,6 +253,45 @@ def sweep_command(
         sys.exit(130)
 
 
+@main.command("search")
+@click.option("--space", type=click.Path(dir_okay=False, path_type=Path), required=True, help="search-space YAML file")
+@click.option("--trials", type=int, required=True, help="trials to train in total, counting earlier invocations")
+@click.option("--sampler", default="tpe", show_default=True, help="Optuna sampler: tpe, random, grid or cmaes")
+@click.option("--pruner", default="asha", show_default=True, help="Optuna pruner: asha, hyperband, median or none")
+@click.option("--workers", type=int, default=1, show_default=True, help="trials at once")
+@click.option("--sampler-seed", type=int, default=None, help="seed of the sampler, for repeatable proposals")
+@storage_option
+@input_option
+@tracking_uri_option
+@experiment_option
+@user_errors
+def search_command(
+    space: Path,
+    trials: int,
+    sampler: str,
+    pruner: str,
+    workers: int,
+    sampler_seed: int | None,
+    storage: str | None,
+    input_path: str | None,
+    tracking_uri: str | None,
+    experiment: str | None,
+) -> None:
+    """Adaptive search with Optuna: one child run per trial under one parent run; rerun to continue."""
+    from nanosweep.search import SearchOptions, run_search
+    from nanosweep.trial import Interrupted
+
+    connect(tracking_uri)
+    experiment = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a search is its own study: no member to find
+    opts = SearchOptions(space, trials, sampler, pruner, workers, experiment, storage, sampler_seed, input_path)
+    try:
+        sys.exit(run_search(opts))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        reason = exc.args[0] if exc.args else "SIGINT"
+        click.echo(f"search interrupted ({reason}): rerun the same command to continue", err=True)
+        sys.exit(130)
+
+
 # --- analysis, artifacts, import and serving: everything read back from the tracking store ---
 
 member_option = click.option(
@@ -256,16 +314,33 @@ out_option = click.option(
 @profile_option
 @out_option
 @click.option("--log-run/--no-log-run", default=True, show_default=True, help="log the analysis as an MLflow run")
+@click.option("--search", default=None, help="analyse this search (its space file's stem) instead of a member's grid")
+@storage_option
 @tracking_uri_option
 @experiment_option
 @user_errors
 def analyze_command(
-    member: str, profile: str, out: Path, log_run: bool, tracking_uri: str | None, experiment: str | None
+    member: str,
+    profile: str,
+    out: Path,
+    log_run: bool,
+    search: str | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    experiment: str | None,
 ) -> None:
     """Results CSVs, rankings, main effects, plots and a report from the finished runs in the store."""
     from nanosweep.analyze import analyze, summary
 
-    connect(tracking_uri)
+    uri = connect(tracking_uri)
+    if search is not None:
+        from nanosweep.search import study_storage
+        from nanosweep.search_report import analyze_search
+
+        searched = analyze_search(search, study_storage(uri, storage), out)
+        click.echo(searched.trials.drop(columns=["run_id"]).to_string(index=False))
+        click.echo(f"wrote {len(searched.files)} files; report: {searched.folder / 'report.html'}")
+        return
     result = analyze(study_scope(experiment), member, profile, out, log_run)
     click.echo(summary(result.findings))
     click.echo(f"wrote {len(result.files)} files; report: {result.folder / 'report.html'}")

@@ -7,6 +7,7 @@ to a new SQLite store corrupt it (MLFLOW-NOTES).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -124,11 +126,11 @@ def process_alive(tags: dict[str, str]) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
 
 
-def end_stale_sweeps(experiment_ids: list[str], keep: str | None) -> None:
-    """End KILLED the parent runs left RUNNING by sweeps that were killed outright (SIGKILL, power loss)."""
-    for run in search_runs(experiment_ids, f"tags.{RUN_KIND_TAG} = 'sweep' and attributes.status = 'RUNNING'"):
+def end_stale_sweeps(experiment_ids: list[str], keep: str | None, kind: str = "sweep") -> None:
+    """End KILLED the parent runs (of a sweep, or a search) left RUNNING by drivers killed outright (SIGKILL)."""
+    for run in search_runs(experiment_ids, f"tags.{RUN_KIND_TAG} = '{kind}' and attributes.status = 'RUNNING'"):
         if run.info.run_id != keep and not process_alive(run.data.tags):
-            TrackedRun(run.info.run_id).finish("KILLED", "the sweep process was killed; a later sweep took over")
+            TrackedRun(run.info.run_id).finish("KILLED", f"the {kind} process was killed; a later {kind} took over")
 
 
 def study_runs(experiment_ids: list[str]) -> list[Any]:
@@ -241,22 +243,27 @@ def format_table(plans: list[PlannedTrial], with_results: bool) -> str:
     return "\n".join(lines)
 
 
+def close_trial_run(exit: TrialExit, run_id: str) -> Any:
+    """One of the ended process's runs, its output added under logs/; FAILED here if the process died first."""
+    run = TrackedRun(run_id)
+    info = run.info()
+    if info.info.status == "RUNNING":
+        lines = exit.launch.log_path.read_text(errors="replace").strip().splitlines()
+        run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
+        info = run.info()
+    run.log_file(exit.launch.log_path, "logs")
+    return info
+
+
 def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progress) -> list[PlannedTrial]:
-    """Record a group's end; runs its process left RUNNING (OOM, SIGKILL) fail here.
+    """Record a group's end in its plans and the progress line.
 
     Returns the grid points to train again in new runs: resumed runs whose checkpoint was unreadable.
     """
-    lines = exit.launch.log_path.read_text(errors="replace").strip().splitlines()
     again = []
     for run_id in exit.launch.run_ids:
         planned = by_run[run_id]
-        run = TrackedRun(run_id)
-        info = run.info()
-        if info.info.status == "RUNNING":
-            last = lines[-1] if lines else "no output"
-            run.finish("FAILED", f"trial process exited with {exit.returncode}: {last}")
-            info = run.info()
-        run.log_file(exit.launch.log_path, "logs")
+        info = close_trial_run(exit, run_id)
         progress.running -= 1
         reason = info.data.tags.get("nanosweep.end_reason", "no reason recorded")
         if planned.action == "resume" and reason.startswith(f"{CheckpointUnreadable.__name__}:"):
@@ -315,6 +322,42 @@ def _drive(
             queue.extendleft(reversed(fused_groups(_collect(exit, by_run, progress), fuse)))
 
 
+def open_parent(experiment_id: str, attached: str | None, name: str, kind: str, tags: dict[str, Any]) -> TrackedRun:
+    """The parent run of a sweep or a search (the run `mlflow run` created, else a new one), tagged with its driver."""
+    parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: kind})
+    driver = {HOST_TAG: socket.gethostname(), PID_TAG: os.getpid()}
+    parent.set_tags({RUN_KIND_TAG: kind, "mlflow.runName": name, **tags, **driver})
+    return parent
+
+
+@contextlib.contextmanager
+def stop_trials_on_interrupt(
+    name: str, executor: Executor, parent: TrackedRun, stream: TextIO, runs: Iterable[str]
+) -> Iterator[None]:
+    """On SIGTERM or Ctrl-C stop the running trials (they end KILLED, to be resumed) and end the parent KILLED.
+
+    The first signal stops the driver; later ones are ignored so they cannot cut the shutdown short. Runs
+    (ids, read at the end) that no trial ended, killed after the grace or never started, end KILLED here.
+    """
+    previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt) as exc:
+        reason = exc.args[0] if exc.args else "SIGINT"
+        stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
+        # trials that got the same Ctrl-C are already ending their runs and ignore this SIGTERM
+        executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
+        for run_id in runs:
+            run = TrackedRun(run_id)
+            if run.info().info.status == "RUNNING":
+                run.finish("KILLED", f"{name} was interrupted by {reason} before the trial ended its run")
+        parent.finish("KILLED", f"interrupted by {reason}")
+        raise
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
 def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     """Run the member grid(s) to the end; 0 when every point is finished, 1 when some failed."""
     members = load_members(opts.sweeps_dir, opts.member)
@@ -342,17 +385,7 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     members_swept = {point.member for point in points}
     holders = {r.info.experiment_id for r in runs if r.data.tags.get(MEMBER_TAG) in members_swept}
     experiment_id = scope.home(holders, f"member {opts.member!r}")
-    parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: "sweep"})
-    parent.set_tags(
-        {
-            RUN_KIND_TAG: "sweep",
-            "mlflow.runName": name,
-            MEMBER_TAG: opts.member,
-            PROFILE_TAG: opts.profile,
-            HOST_TAG: socket.gethostname(),
-            PID_TAG: os.getpid(),
-        }
-    )
+    parent = open_parent(experiment_id, attached, name, "sweep", {MEMBER_TAG: opts.member, PROFILE_TAG: opts.profile})
     parent.log_params(
         {
             "member": opts.member,
@@ -375,26 +408,12 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     progress.report(f"{name}: {len(plans)} grid points{fused}, {executor.capacity} at a time on {where}")
 
     log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
-    # the first SIGINT or SIGTERM stops the sweep; later ones are ignored so they cannot cut the shutdown short
-    previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
     started = time.monotonic()
     by_run: dict[str, PlannedTrial] = {}
     try:
-        _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        reason = exc.args[0] if exc.args else "SIGINT"
-        stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
-        # trials that got the same Ctrl-C are already ending their runs and ignore this SIGTERM
-        executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
-        for run_id in by_run:  # killed after the grace, or created but never started: nothing stays RUNNING
-            run = TrackedRun(run_id)
-            if run.info().info.status == "RUNNING":
-                run.finish("KILLED", f"the sweep was interrupted by {reason} before the trial ended its run")
-        parent.finish("KILLED", f"interrupted by {reason}")
-        raise
+        with stop_trials_on_interrupt(name, executor, parent, stream, by_run):
+            _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
     finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
         shutil.rmtree(log_dir, ignore_errors=True)
 
     summary = format_table(plans, with_results=True)

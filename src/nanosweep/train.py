@@ -94,6 +94,14 @@ class Diverged(RuntimeError):
     """A trial's loss became NaN or infinite: its run ends FAILED, its fused siblings go on."""
 
 
+class StoppedEarly(Exception):
+    """An observer ended its trial at an evaluation on purpose (a search's pruner); the run keeps these tags."""
+
+    def __init__(self, reason: str, tags: dict[str, str]):
+        super().__init__(reason)
+        self.tags = tags
+
+
 @dataclass
 class Trial:
     """One configuration to train: its fresh model (from build_model), observer and checkpoint to resume from."""
@@ -226,7 +234,7 @@ def train_fused(
     trials: list[Trial],
     batches: Batches,
     hw: Hardware,
-    ended: Callable[[Trial, TrainOutcome | Diverged], None],
+    ended: Callable[[Trial, TrainOutcome | Diverged | StoppedEarly], None],
 ) -> None:
     """Train trials of one fusion_key together, each to its own max_iters; `ended` hears of each as it stops.
 
@@ -242,7 +250,7 @@ def train_fused(
     total = cfg.gradient_accumulation_steps * cfg.batch_size  # the recipe's batch, per trial
     per_pass = sequences_per_pass(cfg, len(trials), hw)
 
-    def end(run: RunningTrial, result: TrainOutcome | Diverged) -> None:
+    def end(run: RunningTrial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
         active.remove(run)
         run.model.zero_grad(set_to_none=True)
         ended(origin[id(run)], result)
@@ -253,7 +261,11 @@ def train_fused(
         for run, losses in zip(due, estimate_losses(due, batches, autocast, per_pass) if due else []):
             run.losses = losses
             run.best_val_loss = min(run.best_val_loss, losses["val"])
-            run.observer.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, step=run.iter_num)
+            try:
+                run.observer.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, step=run.iter_num)
+            except StoppedEarly as stop:
+                end(run, stop)
+                continue
             if not math.isfinite(losses["train"] + losses["val"]):
                 end(run, Diverged(f"evaluation loss is {losses['val']} at iteration {run.iter_num}"))
                 continue
@@ -333,13 +345,13 @@ def train(
     hardware: Hardware | None = None,
 ) -> TrainOutcome:
     """Train one model (fresh from build_model) to max_iters, or on from a checkpoint of the same config."""
-    results: list[TrainOutcome | Diverged] = []
+    results: list[TrainOutcome | Diverged | StoppedEarly] = []
     train_fused(
         [Trial(cfg, model, observer, resume_from)],
         batches,
         hardware or resolve_hardware(cfg),
         lambda _, r: results.append(r),
     )
-    if isinstance(results[0], Diverged):
+    if isinstance(results[0], Exception):
         raise results[0]
     return results[0]

@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -34,7 +34,17 @@ from nanosweep.tracking import (
     TrackingError,
     ensure_experiment,
 )
-from nanosweep.train import Diverged, Hardware, TrainOutcome, Trial, build_model, resolve_hardware, train_fused
+from nanosweep.train import (
+    Diverged,
+    Hardware,
+    RunObserver,
+    StoppedEarly,
+    TrainOutcome,
+    Trial,
+    build_model,
+    resolve_hardware,
+    train_fused,
+)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -183,15 +193,21 @@ class RunRecorder:
 
 
 def train_runs(
-    specs: list[tuple[TrainConfig, TrackedRun]], prepared: PreparedData, hardware: Hardware, tags: dict[str, str]
+    specs: list[tuple[TrainConfig, TrackedRun]],
+    prepared: PreparedData,
+    hardware: Hardware,
+    tags: dict[str, str],
+    watch: Callable[[RunObserver], RunObserver] | None = None,
 ) -> dict[str, str]:
     """Train runs of one architecture fused in this process; each run ends on its own. Returns run id -> status.
 
+    watch wraps each run's observer (a search's pruner, which may stop it early: FINISHED with its tags).
     SIGTERM/SIGINT end every unfinished run KILLED (then re-raise); any other error ends them FAILED.
     """
     vocab = prepared.vocab()
     batches = Batches(prepared, hardware.device)
     recorders = [RunRecorder(cfg, run) for cfg, run in specs]
+    recorder_of: dict[int, RunRecorder] = {}  # id(Trial) -> its run
     previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
     try:
         trials = []
@@ -205,13 +221,17 @@ def train_runs(
                 continue
             start = checkpoint["iter_num"] if checkpoint else 0
             observer = ProgressObserver(recorder, recorder.cfg, start_iter=start)
-            trials.append(Trial(recorder.cfg, model, observer, checkpoint))
+            trials.append(Trial(recorder.cfg, model, watch(observer) if watch else observer, checkpoint))
+            recorder_of[id(trials[-1])] = recorder
 
-        def ended(trial: Trial, result: TrainOutcome | Diverged) -> None:
-            recorder = trial.observer.run
+        def ended(trial: Trial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
+            recorder = recorder_of[id(trial)]
             with stop_signals.deferred():
                 if isinstance(result, Diverged):
                     recorder.end("FAILED", f"Diverged: {result}")
+                elif isinstance(result, StoppedEarly):
+                    recorder.run.set_tags(result.tags)
+                    recorder.end("FINISHED", str(result))
                 else:
                     try:
                         recorder.finish_trained(result, trial.model, vocab)
@@ -277,8 +297,12 @@ def run_trial(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     input_path: str | None = None,
+    watch: Callable[[RunObserver], RunObserver] | None = None,
 ) -> str:
-    """Train cfg into run_id (or MLFLOW_RUN_ID, or a new run), resuming from its checkpoint; return the run id."""
+    """Train cfg into run_id (or MLFLOW_RUN_ID, or a new run), resuming from its checkpoint; return the run id.
+
+    watch wraps the run's observer (a search's pruner); it may end training early with StoppedEarly.
+    """
     # everything that can be refused is refused before a run exists
     prepared = prepare(input_path)
     check_fits(cfg, prepared)
@@ -293,7 +317,7 @@ def run_trial(
     else:
         tags = {RUN_KIND_TAG: "train", **(tags or {})}
         run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags, parent_run_id)
-    status = train_runs([(cfg, run)], prepared, hardware, {})[run.run_id]
+    status = train_runs([(cfg, run)], prepared, hardware, {}, watch)[run.run_id]
     if status != "FINISHED":
         reason = run.info().data.tags.get("nanosweep.end_reason", "")
         raise TrackingError(f"run {run.run_id} ({cfg.run_name}) ended {status}: {reason}")

@@ -1,0 +1,70 @@
+"""Optuna inside a search trial's process: report each evaluation's val_loss to the pruner, stop when it says so.
+
+Only `nanosweep train --optuna-study ...` imports this module, so grid trials never load Optuna.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+
+from nanosweep.train import RunObserver, StoppedEarly
+
+PRUNERS = ("asha", "hyperband", "median", "none")
+SQLITE_BUSY_SECONDS = 60  # the driver and K trial processes write one SQLite file; wait for the lock, do not fail
+PRUNED_TAG = "pruned"  # "true" on a search trial's run that the pruner stopped
+PRUNED_AT_TAG = "pruned_at_iter"  # the iteration it reached
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """Optuna's pruner for a --pruner name; the driver and the trial processes build the same one."""
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner={name!r} is unknown: choose one of {', '.join(PRUNERS)}")
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage at url; on SQLite, writers wait for each other instead of failing."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+class PruningObserver:
+    """A RunObserver that passes everything on and reports each val_loss to the Optuna trial as it happens."""
+
+    def __init__(self, inner: RunObserver, trial: optuna.trial.Trial, pruner: str):
+        self.inner = inner
+        self.trial = trial
+        self.pruner = pruner
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.inner.log_metrics(metrics, step)
+        if "val_loss" not in metrics:
+            return
+        self.trial.report(metrics["val_loss"], step)
+        # iteration 0 is the untrained model: every trial looks alike there
+        if step > 0 and self.trial.should_prune():
+            raise StoppedEarly(
+                f"pruned by Optuna's {self.pruner} pruner at iteration {step}",
+                {PRUNED_TAG: "true", PRUNED_AT_TAG: str(step)},
+            )
+
+    def log_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.inner.log_checkpoint(checkpoint)
+
+
+def pruning_observer(storage: str, study_name: str, trial_id: int, pruner: str) -> Any:
+    """A function wrapping a run's observer so that the Optuna trial trial_id can prune it."""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage), pruner=make_pruner(pruner))
+    trial = optuna.trial.Trial(study, trial_id)
+    return lambda inner: PruningObserver(inner, trial, pruner)
