@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -76,3 +77,18 @@ def sweeps_dir(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "tiny.yaml").write_text(TINY_MEMBER % (10, 10))
     return folder
+
+
+class Recorder:
+    """A RunObserver that keeps what the loop reports, in memory."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, dict[int, float]] = {}
+        self.checkpoints: dict[int, dict] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, {})[step] = value
+
+    def log_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoints[checkpoint["iter_num"]] = copy.deepcopy(checkpoint)  # state_dict tensors are live

@@ -1,13 +1,12 @@
 """Fused training: K trials of one architecture as one stacked model, each still its own training and run."""
 
-import copy
 import math
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import tiny_config
+from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
@@ -16,21 +15,6 @@ from nanosweep.sampling import SampleSettings, generate_texts
 from nanosweep.tracking import TrackedRun, ensure_experiment
 from nanosweep.train import Trial, build_model, resolve_hardware, train, train_fused
 from nanosweep.trial import run_group, run_trial
-
-
-class Recorder:
-    """A RunObserver that keeps what the loop reports, in memory."""
-
-    def __init__(self):
-        self.metrics: dict[str, dict[int, float]] = {}
-        self.checkpoints: dict[int, dict] = {}
-
-    def log_metrics(self, metrics, step):
-        for key, value in metrics.items():
-            self.metrics.setdefault(key, {})[step] = value
-
-    def log_checkpoint(self, checkpoint):
-        self.checkpoints[checkpoint["iter_num"]] = copy.deepcopy(checkpoint)
 
 
 def fused(configs: list[TrainConfig], prepared) -> tuple[list[Recorder], dict]:

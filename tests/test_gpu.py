@@ -1,13 +1,12 @@
 """The CUDA path: bf16/fp16 training, fused training, resume across devices, system metrics. Skipped without CUDA."""
 
-import copy
 import math
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import tiny_config
+from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 from nanosweep.data import Batches
 from nanosweep.tracking import TrackedRun, ensure_experiment
@@ -15,19 +14,6 @@ from nanosweep.train import Trial, build_model, resolve_hardware, train, train_f
 from nanosweep.trial import run_group
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-class Recorder:
-    def __init__(self):
-        self.metrics: dict[str, dict[int, float]] = {}
-        self.checkpoints: dict[int, dict] = {}
-
-    def log_metrics(self, metrics, step):
-        for key, value in metrics.items():
-            self.metrics.setdefault(key, {})[step] = value
-
-    def log_checkpoint(self, checkpoint):
-        self.checkpoints[checkpoint["iter_num"]] = copy.deepcopy(checkpoint)
 
 
 def run(cfg, prepared, resume_from=None):

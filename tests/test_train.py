@@ -1,32 +1,16 @@
 """The recipe: LR schedule, seeded determinism, exact resume, checkpoints nanoGPT can load."""
 
-import copy
 import math
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
 from nanosweep.sampling import SampleSettings, generate_texts
 from nanosweep.train import build_model, learning_rate, train
-
-
-class Recorder:
-    """A RunObserver that keeps what the loop reports, in memory."""
-
-    def __init__(self):
-        self.metrics: dict[str, dict[int, float]] = {}
-        self.checkpoints: dict[int, dict] = {}
-
-    def log_metrics(self, metrics, step):
-        for key, value in metrics.items():
-            self.metrics.setdefault(key, {})[step] = value
-
-    def log_checkpoint(self, checkpoint):
-        self.checkpoints[checkpoint["iter_num"]] = copy.deepcopy(checkpoint)  # state_dict tensors are live
 
 
 def run(cfg: TrainConfig, prepared, resume_from=None):
