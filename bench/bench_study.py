@@ -63,7 +63,8 @@ def flops_per_iter(cfg: TrainConfig) -> float:
 
 def loop_seconds(configs: list[TrainConfig], batches: Batches, iters: int) -> tuple[float, float]:
     """(seconds per iteration of the group, seconds per evaluation of the group), from the real loop."""
-    timed = [c.replace(max_iters=iters + 1, log_interval=1, eval_interval=10_000, num_samples=0) for c in configs]
+    # the loop evaluates at 0 and at max_iters: with one batch there, the steps are what it spends its time on
+    timed = [c.replace(max_iters=iters + 1, log_interval=1, eval_iters=1, num_samples=0) for c in configs]
     clocks = [StepClock() for _ in timed]
     hw = resolve_hardware(timed[0])
     trials = [Trial(c, build_model(c, VOCAB), clock) for c, clock in zip(timed, clocks)]

@@ -44,8 +44,8 @@ from nanosweep.train import fusion_key
 from nanosweep.trial import STOP_SIGNALS, Interrupted, check_fits, interrupt_once, trial_spec
 
 STOP_GRACE_SECONDS = 60.0  # a trial needs this long at most to flush its logging and end KILLED
-# --fuse auto on CPU: trials per group. Measured in bench/README.md (bench_fused.py): on a 2-core CPU a
-# fused group of 4 trains ... (see there); on CUDA a group takes every trial of its fusion key.
+# --fuse auto on CPU: trials per group (bench/README.md, bench_study.py: on a 2-core CPU fusing is no slower per
+# trial-iteration and saves a process start per trial); on CUDA a group takes every trial of its fusion key.
 CPU_AUTO_FUSE = 4
 CUDA_AUTO_FUSE = 64
 
