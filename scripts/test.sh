@@ -11,7 +11,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/pip install --quiet -e ".[dev,postgres,server,search]"  # a no-op when nothing changed
+.venv/bin/pip install --quiet -e ".[dev,postgres,server,search,ray]"  # a no-op when nothing changed
 export MLFLOW_DISABLE_TELEMETRY=true
 .venv/bin/ruff check src tests bench
 .venv/bin/python -m pytest "$@"

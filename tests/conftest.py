@@ -11,8 +11,16 @@ import pytest
 
 from nanosweep.config import TrainConfig
 from nanosweep.data import PreparedData, prepare
+from nanosweep.tracking import HEARTBEAT_ENV, alive
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# a beat every 2 s (stale after 8 s) in the tests and the processes they start, instead of every 15 s
+os.environ[HEARTBEAT_ENV] = "2"
+
+
+def heartbeat_stopped(run_id: str, client: mlflow.MlflowClient | None = None) -> bool:
+    """The run's heartbeat is stale: a sweep now takes it for dead (wherever it ran)."""
+    return not alive((client or mlflow.MlflowClient()).get_run(run_id).data.tags)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Bad input: one line naming the value and what is allowed, a non-zero exit, and no MLflow run."""
 
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -78,3 +80,22 @@ def test_an_unreachable_tracking_server_fails_fast_naming_the_uri(store):
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: tracking server {uri} is unreachable (")
     assert result.output.count("\n") == 1
+
+
+def test_an_unknown_executor_is_refused(store, sweeps_dir):
+    argv = ["sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir), "--executor", "k8s"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 1
+    assert result.output == "Error: executor='k8s' is not allowed: choose one of local, ray\n"
+    assert no_runs_created()
+
+
+def test_the_ray_executor_without_ray_installed_says_how_to_install_it(store, sweeps_dir):
+    hide_ray = "import sys; sys.modules['ray'] = None; from nanosweep.cli import main; main()"  # as if not installed
+    argv = [sys.executable, "-c", hide_ray, "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir)]
+    result = subprocess.run([*argv, "--executor", "ray"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: executor='ray' needs Ray, which is not installed: pip install 'nanosweep[ray]'"
+    )
+    assert no_runs_created()

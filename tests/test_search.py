@@ -10,9 +10,9 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from conftest import heartbeat_stopped
 from nanosweep.search import SearchError, make_sampler, open_study, redacted, study_storage
 from nanosweep.space import SpaceError, load_space
-from nanosweep.sweep import process_alive
 from test_sweep import finish, study_runs, wait_for
 
 TINY_SPACE = """\
@@ -109,7 +109,7 @@ def test_sigkill_mid_trial_then_rerun_resumes_that_trial_and_reaches_the_total_w
     victim = wait_for(cut_off_run, PATIENCE)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    wait_for(lambda: not process_alive(victim.data.tags))
+    wait_for(lambda: heartbeat_stopped(victim.info.run_id))
     [killed] = [t for t in launched(study(tmp_path)) if t.user_attrs["run_id"] == victim.info.run_id]
     assert killed.state == optuna.trial.TrialState.RUNNING  # nobody could tell Optuna
 

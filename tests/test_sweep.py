@@ -9,8 +9,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from conftest import TINY_MEMBER
-from nanosweep.sweep import process_alive
+from conftest import TINY_MEMBER, heartbeat_stopped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +84,7 @@ def test_sigkill_of_the_whole_sweep_then_rerun_resumes_the_cut_off_run_from_its_
     victim = wait_for(cut_off_run)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    wait_for(lambda: not process_alive(victim.data.tags))  # the kernel takes a moment to end the trial too
+    wait_for(lambda: heartbeat_stopped(victim.info.run_id))  # a rerun takes it over once it is stale
     assert MlflowClient().get_run(victim.info.run_id).info.status == "RUNNING"  # nobody could end it
     [first_parent] = study_runs("sweep")
 
@@ -180,3 +179,39 @@ def test_mlflow_run_main_entry_point_makes_its_run_the_parent(store, sweeps_dir)
     assert parent.data.params["member"] == "tiny" and parent.info.run_name == "sweep-tiny-full"
     children = study_runs()
     assert len(children) == 4 and {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+
+
+def test_a_run_whose_heartbeat_stopped_is_taken_over_wherever_it_ran_and_a_fresh_one_is_left_alone(
+    store, sweeps_dir
+):
+    (sweeps_dir / "tiny.yaml").write_text(TINY_MEMBER % (400, 50))
+    frozen = sweep(sweeps_dir, start_new_session=True)
+    wait_until_started(frozen)
+    try:
+
+        def with_a_checkpoint():
+            runs = [r for r in study_runs() if r.info.status == "RUNNING"]
+            return next((r for r in runs if int(r.data.tags.get("nanosweep.checkpoint_iter", 0)) >= 50), None)
+
+        victim = wait_for(with_a_checkpoint)
+        code, output = finish(sweep(sweeps_dir, "--dry-run"))  # its heartbeat is fresh: nobody touches it
+        assert f"{victim.info.run_name:<40} busy    running on " in output and "heartbeat" in output
+
+        # the machine freezes (or its network goes): the driver and the trial stop beating, and the run claims
+        # to live on another machine, so only the heartbeat can tell it is gone
+        os.killpg(frozen.pid, signal.SIGSTOP)
+        client = MlflowClient()
+        client.set_tag(victim.info.run_id, "nanosweep.host", "a-machine-that-died")
+        wait_for(lambda: heartbeat_stopped(victim.info.run_id), timeout=60)
+
+        code, output = finish(sweep(sweeps_dir))
+        assert code == 0, output
+    finally:
+        os.killpg(frozen.pid, signal.SIGKILL)
+        frozen.wait()
+    runs = study_runs()
+    assert sorted(int(r.data.tags["grid_position"]) for r in runs) == [1, 2, 3, 4]  # each point exactly once
+    assert all(r.info.status == "FINISHED" for r in runs)
+    resumed = client.get_run(victim.info.run_id)
+    assert int(resumed.data.tags["nanosweep.resumed_from"]) >= 50
+    assert [p.info.status for p in study_runs("sweep")].count("KILLED") == 1  # the frozen sweep's parent

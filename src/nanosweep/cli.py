@@ -14,6 +14,7 @@ import click
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import DataError, prepare
+from nanosweep.executors import EXECUTORS, ExecutorError
 from nanosweep.tracking import (
     DEFAULT_EXPERIMENT,
     TrackingError,
@@ -23,7 +24,7 @@ from nanosweep.tracking import (
     study_scope,
 )
 
-USER_ERRORS = (ConfigError, DataError, TrackingError)  # importer.StudyFormatError is a ConfigError
+USER_ERRORS = (ConfigError, DataError, TrackingError, ExecutorError)  # importer.StudyFormatError is a ConfigError
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -200,6 +201,17 @@ def train_group_command(
     show_default=True,
     help="seeds per grid point; 0 = the member file's `repeats` (default 1)",
 )
+@click.option(
+    "--executor",
+    default="local",
+    show_default=True,
+    help="where trials run: local (processes here) or ray (tasks on a Ray cluster; pip install 'nanosweep[ray]')",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="the Ray cluster, e.g. HEAD:6379 (default: RAY_ADDRESS, else a local Ray started for the sweep)",
+)
 @sweeps_dir_option
 @click.option("--dry-run", is_flag=True, help="show what would run, resume or be skipped, and stop")
 @input_option
@@ -213,6 +225,8 @@ def sweep_command(
     trials_per_gpu: int,
     fuse: str,
     repeats: int,
+    executor: str,
+    ray_address: str | None,
     sweeps_dir: Path | None,
     dry_run: bool,
     input_path: str | None,
@@ -231,6 +245,8 @@ def sweep_command(
         )
     if not (fuse == "auto" or (fuse.isdigit() and int(fuse) >= 1)):
         raise click.ClickException(f"fuse={fuse!r} is not allowed: use auto or a positive integer")
+    if executor not in EXECUTORS:
+        raise click.ClickException(f"executor={executor!r} is not allowed: choose one of {', '.join(EXECUTORS)}")
     connect(tracking_uri)
     opts = SweepOptions(
         member=member,
@@ -243,6 +259,8 @@ def sweep_command(
         input_path=input_path,
         dry_run=dry_run,
         repeats=repeats,
+        executor=executor,
+        ray_address=ray_address,
     )
     try:
         sys.exit(run_sweep(opts))

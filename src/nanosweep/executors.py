@@ -1,13 +1,15 @@
 """Where trials run. The sweep decides what to run; an Executor runs each trial as its own process.
 
-LocalProcessPool is the first implementation: N processes on this machine, spread over the visible GPUs.
-A distributed engine goes behind the same interface: start a command, report exits, stop everything.
+LocalProcessPool: N processes on this machine, spread over the visible GPUs. RayExecutor (ray_executor.py,
+`--executor ray`): the same commands as tasks on a Ray cluster. Both start a command, report exits, stop
+everything, and tell the trial where it runs (EXECUTOR_ENV, NODE_ENV: its runs' executor and node tags).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
@@ -26,15 +28,29 @@ class TrialLaunch:
     env: dict[str, str] = field(default_factory=dict)
 
 
+EXECUTORS = ("local", "ray")
+STOP_GRACE_SECONDS = 60.0  # a stopped trial has this long to flush its logging and end its runs KILLED
+EXECUTOR_ENV = "NANOSWEEP_EXECUTOR"  # set for a trial process: the executor that started it
+NODE_ENV = "NANOSWEEP_NODE"  # ... and the node it runs on
+
+
+class ExecutorError(RuntimeError):
+    """An executor cannot run this sweep as asked; the message says why and what to do."""
+
+
 @dataclass(frozen=True)
 class TrialExit:
     launch: TrialLaunch
     returncode: int  # negative: killed by that signal
     seconds: float
+    lost: str = ""  # why the process was lost with its machine (a dead Ray node); its runs are to be resumed
 
 
 class Executor(ABC):
     """Runs trial commands with bounded concurrency."""
+
+    cuda: bool  # trials run on GPUs (the sweep sizes fused groups for them)
+    where: str  # for the sweep's first line, e.g. "CPU, 1 thread(s) per trial"
 
     @property
     @abstractmethod
@@ -55,6 +71,10 @@ class Executor(ABC):
     @abstractmethod
     def stop(self, signum: int, grace: float) -> list[TrialExit]:
         """Send signum to every running trial, wait up to grace seconds, then kill what is left."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Let go of what the executor holds (a Ray connection); the sweep calls this once, at its end."""
 
 
 def plan_slots(workers: int, gpus: list[int], trials_per_gpu: int, cpu_count: int) -> tuple[list[str | None], int]:
@@ -78,17 +98,22 @@ class LocalProcessPool(Executor):
         self.slots = slots
         self.threads = threads_per_trial
         self._procs: dict[int, tuple[subprocess.Popen, TrialLaunch, float, int]] = {}  # slot -> process
+        gpus = sorted({slot for slot in slots if slot is not None})
+        self.cuda = bool(gpus)
+        self.where = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {threads_per_trial} thread(s) per trial"
 
     @property
     def capacity(self) -> int:
         return len(self.slots)
 
     def running(self) -> list[TrialLaunch]:
-        return [launch for _, launch, _, _ in self._procs.values()]
+        # list() copies in one step: the driver's heartbeat thread reads this while the driver changes it
+        return [entry[1] for entry in list(self._procs.values())]
 
     def start(self, launch: TrialLaunch) -> int:
         slot = next(i for i in range(len(self.slots)) if i not in self._procs)
         env = {**os.environ, **launch.env, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        env.update({EXECUTOR_ENV: "local", NODE_ENV: socket.gethostname()})
         if self.slots[slot] is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.slots[slot]  # the trial sees its one GPU as cuda:0
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,3 +147,30 @@ class LocalProcessPool(Executor):
         for proc, _, _, _ in self._procs.values():
             proc.send_signal(signal.SIGKILL)
         return exits + self.wait(timeout=5.0)
+
+    def close(self) -> None:
+        """Nothing to let go of: the trials are this process's children, waited for by stop() or wait()."""
+
+
+def make_executor(
+    kind: str, workers: int, trials_per_gpu: int, input_path: str | None = None, ray_address: str | None = None
+) -> Executor:
+    """The executor a sweep asked for: the local pool over this machine's GPUs (or CPU), or a Ray cluster
+    (which sends the text --input or the usual places give, checked, to nodes that lack it)."""
+    if kind == "local":
+        import torch  # CUDA is looked at only where trials run locally
+
+        gpus = list(range(torch.cuda.device_count()))
+        slots, threads = plan_slots(workers, gpus, trials_per_gpu, os.cpu_count() or 1)
+        return LocalProcessPool(slots, threads)
+    if kind == "ray":
+        try:
+            import ray  # noqa: F401  (an optional extra)
+        except ImportError:
+            missing = "executor='ray' needs Ray, which is not installed: pip install 'nanosweep[ray]'"
+            raise ExecutorError(missing) from None
+        from nanosweep.data import find_input
+        from nanosweep.ray_executor import RayExecutor
+
+        return RayExecutor(ray_address, workers, trials_per_gpu, find_input(input_path))
+    raise ExecutorError(f"executor={kind!r} is not allowed: choose one of {', '.join(EXECUTORS)}")

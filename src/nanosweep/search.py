@@ -19,13 +19,12 @@ from typing import Any, TextIO
 
 import mlflow
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import PreparedData, prepare
-from nanosweep.executors import Executor, LocalProcessPool, TrialLaunch, plan_slots
+from nanosweep.executors import Executor, TrialLaunch, make_executor
 from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage
 from nanosweep.space import SearchSpace, load_space
 from nanosweep.sweep import (
@@ -33,8 +32,7 @@ from nanosweep.sweep import (
     close_trial_run,
     end_stale_sweeps,
     open_parent,
-    process_alive,
-    stop_trials_on_interrupt,
+    supervise_trials,
 )
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
@@ -43,6 +41,7 @@ from nanosweep.tracking import (
     PROFILE_TAG,
     RUN_KIND_TAG,
     TrackedRun,
+    alive,
     ensure_experiment,
     run_experiment_id,
 )
@@ -173,7 +172,7 @@ def settle(study: optuna.Study) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
         if trial.state != TrialState.RUNNING:
             continue
         info = client.get_run(trial.user_attrs[RUN_ID_ATTR])
-        if info.info.status == "RUNNING" and process_alive(info.data.tags):
+        if info.info.status == "RUNNING" and alive(info.data.tags):
             busy.append(trial)
         elif tell(study, trial, info) in ("RUNNING", "KILLED"):
             resume.append(trial)
@@ -358,9 +357,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
             "profile": space.profile,
         }
     )
-    gpus = list(range(torch.cuda.device_count()))
-    slots, threads = plan_slots(opts.workers, gpus, 1, os.cpu_count() or 1)
-    executor = LocalProcessPool(slots, threads)
+    executor = make_executor("local", opts.workers, 1)
     progress = Progress(target, executor.capacity, stream)
     progress.skipped = ended
     progress.report(
@@ -371,7 +368,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     driver = Driver(opts, space, study, storage, parent.run_id)
     started = time.monotonic()
     try:
-        with stop_trials_on_interrupt(name, executor, parent, stream, driver.active):
+        with supervise_trials(name, executor, parent, stream, driver.active):
             driver.run(executor, resume, new, progress)
     finally:
         shutil.rmtree(driver.log_dir, ignore_errors=True)

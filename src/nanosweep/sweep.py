@@ -1,8 +1,9 @@
 """The sweep driver: expand member grids, skip what is finished, resume what was cut off, run the rest.
 
-Each trial is its own process (`nanosweep train --run-id ...`) so a crash or out-of-memory fails that
-trial alone. Runs are created here, in the parent, before any trial starts: concurrent first writes
-to a new SQLite store corrupt it (MLFLOW-NOTES).
+Each trial (a fused group of runs) is its own process (`nanosweep train-group`), started by an executor
+(executors.py: this machine, or a Ray cluster), so a crash or out-of-memory fails that group alone. Runs are
+created here, in the parent, before any trial starts: concurrent first writes to a new SQLite store corrupt it
+(MLFLOW-NOTES).
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
 from nanosweep.data import prepare
-from nanosweep.executors import Executor, LocalProcessPool, TrialExit, TrialLaunch, plan_slots
+from nanosweep.executors import STOP_GRACE_SECONDS, Executor, TrialExit, TrialLaunch, make_executor
 from nanosweep.grid import GridPoint, expand, load_members
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
@@ -36,14 +35,17 @@ from nanosweep.tracking import (
     PROFILE_TAG,
     RUN_KIND_TAG,
     CheckpointUnreadable,
+    Heartbeat,
     TrackedRun,
+    alive,
+    heartbeat_age,
+    heartbeat_now,
     search_runs,
     study_scope,
 )
 from nanosweep.train import fusion_key
 from nanosweep.trial import STOP_SIGNALS, Interrupted, check_fits, interrupt_once, trial_spec
 
-STOP_GRACE_SECONDS = 60.0  # a trial needs this long at most to flush its logging and end KILLED
 # --fuse auto on CPU: trials per group (bench/README.md, bench_study.py: on a 2-core CPU fusing is no slower per
 # trial-iteration and saves a process start per trial); on CUDA a group takes every trial of its fusion key.
 CPU_AUTO_FUSE = 4
@@ -62,6 +64,8 @@ class SweepOptions:
     input_path: str | None = None
     dry_run: bool = False
     repeats: int = 0  # seeds per grid point; 0: the member file's `repeats` (default 1)
+    executor: str = "local"  # local (processes on this machine) or ray (tasks on a Ray cluster)
+    ray_address: str | None = None  # the Ray cluster; None: RAY_ADDRESS, else a local Ray started for the sweep
 
 
 @dataclass
@@ -108,28 +112,11 @@ class Progress:
         self.stream.flush()
 
 
-def process_alive(tags: dict[str, str]) -> bool:
-    """Is the process behind this RUNNING run still there? Runs of other machines count as alive."""
-    if HOST_TAG not in tags or PID_TAG not in tags:
-        return False  # killed before it even said where it ran
-    if tags[HOST_TAG] != socket.gethostname():
-        return True
-    pid = int(tags[PID_TAG])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a killed process whose parent has not reaped it yet is a zombie: it answers signals but is gone
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
-
-
 def end_stale_sweeps(experiment_ids: list[str], keep: str | None, kind: str = "sweep") -> None:
-    """End KILLED the parent runs (of a sweep, or a search) left RUNNING by drivers killed outright (SIGKILL)."""
+    """End KILLED the parent runs (of a sweep, or a search) whose driver died (SIGKILL, a lost machine): their
+    heartbeat is stale."""
     for run in search_runs(experiment_ids, f"tags.{RUN_KIND_TAG} = '{kind}' and attributes.status = 'RUNNING'"):
-        if run.info.run_id != keep and not process_alive(run.data.tags):
+        if run.info.run_id != keep and not alive(run.data.tags):
             TrackedRun(run.info.run_id).finish("KILLED", f"the {kind} process was killed; a later {kind} took over")
 
 
@@ -161,10 +148,12 @@ def plan(points: list[GridPoint], runs: list[Any]) -> list[PlannedTrial]:
                 )
             )
             continue
-        live = [r for r in by_status["RUNNING"] if process_alive(r.data.tags)]
+        live = [r for r in by_status["RUNNING"] if alive(r.data.tags)]
         if live:
-            where = f"{live[0].data.tags.get(HOST_TAG)} pid {live[0].data.tags.get(PID_TAG)}"
-            plans.append(PlannedTrial(point, "busy", live[0].info.run_id, f"running on {where}", "RUNNING"))
+            tags = live[0].data.tags
+            where = f"on {tags[HOST_TAG]}, " if HOST_TAG in tags else ""
+            note = f"running {where}heartbeat {heartbeat_age(tags):.0f}s ago"
+            plans.append(PlannedTrial(point, "busy", live[0].info.run_id, note, "RUNNING"))
             continue
         cut_off = [r for r in runs if r.info.status in ("RUNNING", "KILLED")]
         if cut_off:
@@ -222,7 +211,7 @@ def group_argv(group: list[PlannedTrial], name: str) -> list[str]:
 
 
 def create_trial_run(experiment_id: str, point: GridPoint, parent_run_id: str) -> str:
-    """A child run of the sweep, tagged with its place in the study."""
+    """A child run of the sweep, tagged with its place in the study (and a heartbeat: nobody else takes it)."""
     run = TrackedRun.create(experiment_id, point.config.run_name, point.study_tags(), parent_run_id)
     run.log_params({"member": point.member, "profile": point.profile})
     return run.run_id
@@ -244,10 +233,14 @@ def format_table(plans: list[PlannedTrial], with_results: bool) -> str:
 
 
 def close_trial_run(exit: TrialExit, run_id: str) -> Any:
-    """One of the ended process's runs, its output added under logs/; FAILED here if the process died first."""
+    """One of the ended process's runs, its output added under logs/. A run the process left RUNNING ends here:
+    KILLED when its machine was lost (a rerun resumes it), FAILED when the process died on its own."""
     run = TrackedRun(run_id)
     info = run.info()
-    if info.info.status == "RUNNING":
+    if info.info.status == "RUNNING" and exit.lost:
+        run.finish("KILLED", f"its machine was lost: {exit.lost}")
+        info = run.info()
+    elif info.info.status == "RUNNING":
         lines = exit.launch.log_path.read_text(errors="replace").strip().splitlines()
         run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
         info = run.info()
@@ -305,8 +298,8 @@ def _drive(
             for planned in group:
                 if planned.run_id is None:
                     planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
-                else:  # a resumed run moves under the sweep that finishes it
-                    TrackedRun(planned.run_id).set_tags({PARENT_RUN_TAG: parent_id})
+                else:  # a resumed run moves under the sweep that finishes it, whose heartbeat it now has
+                    TrackedRun(planned.run_id).set_tags({PARENT_RUN_TAG: parent_id, **heartbeat_now()})
                 by_run[planned.run_id] = planned
             started += 1
             name = group_name(group, parent_id, started)
@@ -325,21 +318,25 @@ def _drive(
 def open_parent(experiment_id: str, attached: str | None, name: str, kind: str, tags: dict[str, Any]) -> TrackedRun:
     """The parent run of a sweep or a search (the run `mlflow run` created, else a new one), tagged with its driver."""
     parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: kind})
-    driver = {HOST_TAG: socket.gethostname(), PID_TAG: os.getpid()}
+    driver = {HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(), **heartbeat_now()}
     parent.set_tags({RUN_KIND_TAG: kind, "mlflow.runName": name, **tags, **driver})
     return parent
 
 
 @contextlib.contextmanager
-def stop_trials_on_interrupt(
+def supervise_trials(
     name: str, executor: Executor, parent: TrackedRun, stream: TextIO, runs: Iterable[str]
 ) -> Iterator[None]:
-    """On SIGTERM or Ctrl-C stop the running trials (they end KILLED, to be resumed) and end the parent KILLED.
+    """The driver's duties while its trials run: keep the parent's and the running trials' heartbeats fresh
+    (a trial waiting for its process, or for Ray to rerun it elsewhere, is still this driver's), and on SIGTERM
+    or Ctrl-C stop the running trials (they end KILLED, to be resumed) and end the parent KILLED.
 
     The first signal stops the driver; later ones are ignored so they cannot cut the shutdown short. Runs
     (ids, read at the end) that no trial ended, killed after the grace or never started, end KILLED here.
     """
     previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
+    heartbeat = Heartbeat([parent.run_id], also=lambda: [i for launch in executor.running() for i in launch.run_ids])
+    heartbeat.start()
     try:
         yield
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -354,6 +351,7 @@ def stop_trials_on_interrupt(
         parent.finish("KILLED", f"interrupted by {reason}")
         raise
     finally:
+        heartbeat.stop()
         for stop, handler in previous.items():
             signal.signal(stop, handler)
 
@@ -385,54 +383,55 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     members_swept = {point.member for point in points}
     holders = {r.info.experiment_id for r in runs if r.data.tags.get(MEMBER_TAG) in members_swept}
     experiment_id = scope.home(holders, f"member {opts.member!r}")
-    parent = open_parent(experiment_id, attached, name, "sweep", {MEMBER_TAG: opts.member, PROFILE_TAG: opts.profile})
-    parent.log_params(
-        {
-            "member": opts.member,
-            "profile": opts.profile,
-            "workers": opts.workers,
-            "trials_per_gpu": opts.trials_per_gpu,
-            "fuse": opts.fuse or "auto",
-            "grid_points": len(points),
-        }
-    )
-    gpus = list(range(torch.cuda.device_count()))
-    slots, threads = plan_slots(opts.workers, gpus, opts.trials_per_gpu, os.cpu_count() or 1)
-    executor = LocalProcessPool(slots, threads)
-    limit = fuse_limit(opts.fuse, bool(gpus))
-    groups = fused_groups(plans, limit)
-    progress = Progress(len(plans), executor.capacity, stream)
-    progress.skipped = sum(not p.launches for p in plans)
-    where = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {threads} thread(s) per trial"
-    fused = f" in {len(groups)} fused group(s)" if len(groups) < sum(p.launches for p in plans) else ""
-    progress.report(f"{name}: {len(plans)} grid points{fused}, {executor.capacity} at a time on {where}")
+    # before any run is written: an executor that cannot serve this sweep (a file store for a cluster) refuses here
+    executor = make_executor(opts.executor, opts.workers, opts.trials_per_gpu, opts.input_path, opts.ray_address)
+    with contextlib.closing(executor):
+        tags = {MEMBER_TAG: opts.member, PROFILE_TAG: opts.profile}
+        parent = open_parent(experiment_id, attached, name, "sweep", tags)
+        parent.log_params(
+            {
+                "member": opts.member,
+                "profile": opts.profile,
+                "workers": opts.workers,
+                "trials_per_gpu": opts.trials_per_gpu,
+                "fuse": opts.fuse or "auto",
+                "grid_points": len(points),
+                "executor": opts.executor,
+            }
+        )
+        limit = fuse_limit(opts.fuse, executor.cuda)
+        groups = fused_groups(plans, limit)
+        progress = Progress(len(plans), executor.capacity, stream)
+        progress.skipped = sum(not p.launches for p in plans)
+        fused = f" in {len(groups)} fused group(s)" if len(groups) < sum(p.launches for p in plans) else ""
+        progress.report(f"{name}: {len(plans)} grid points{fused}, {executor.capacity} at a time on {executor.where}")
 
-    log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
-    started = time.monotonic()
-    by_run: dict[str, PlannedTrial] = {}
-    try:
-        with stop_trials_on_interrupt(name, executor, parent, stream, by_run):
-            _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
-    finally:
-        shutil.rmtree(log_dir, ignore_errors=True)
+        log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
+        started = time.monotonic()
+        by_run: dict[str, PlannedTrial] = {}
+        try:
+            with supervise_trials(name, executor, parent, stream, by_run):
+                _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
+        finally:
+            shutil.rmtree(log_dir, ignore_errors=True)
 
-    summary = format_table(plans, with_results=True)
-    failed = [p for p in plans if p.launches and p.status != "FINISHED"]
-    stream.write(summary + "\n")
-    parent.log_text(summary + "\n", "summary.txt")
-    parent.log_metrics(
-        {
-            "trials_finished": progress.done,
-            "trials_skipped": progress.skipped,
-            "trials_failed": progress.failed,
-            "sweep_seconds": time.monotonic() - started,
-        },
-        step=0,
-    )
-    if failed:
-        names = ", ".join(p.point.config.run_name for p in failed)
-        stream.write(f"{name}: {len(failed)} trial(s) failed: {names}\n")
-        parent.finish("FAILED", f"failed trials: {names}")
-        return 1
-    parent.finish("FINISHED")
-    return 0
+        summary = format_table(plans, with_results=True)
+        failed = [p for p in plans if p.launches and p.status != "FINISHED"]
+        stream.write(summary + "\n")
+        parent.log_text(summary + "\n", "summary.txt")
+        parent.log_metrics(
+            {
+                "trials_finished": progress.done,
+                "trials_skipped": progress.skipped,
+                "trials_failed": progress.failed,
+                "sweep_seconds": time.monotonic() - started,
+            },
+            step=0,
+        )
+        if failed:
+            names = ", ".join(p.point.config.run_name for p in failed)
+            stream.write(f"{name}: {len(failed)} trial(s) failed: {names}\n")
+            parent.finish("FAILED", f"failed trials: {names}")
+            return 1
+        parent.finish("FINISHED")
+        return 0

@@ -8,6 +8,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,75 @@ REPLICATE_TAG = "replicate"  # 1-based seed replicate of the grid point; runs wi
 CONFIG_HASH_TAG = "config_hash"  # TrainConfig.config_hash: equal hashes train the same thing
 RUN_KIND_TAG = "run_kind"  # trial (of a sweep), train (nanosweep train alone), sweep, analysis or imported
 MODEL_RUN_KINDS = ("trial", "train", "imported")  # runs that hold a trained model, named by `sample --name`
-HOST_TAG = "nanosweep.host"  # machine of the process training the run
-PID_TAG = "nanosweep.pid"  # its process id: a RUNNING run whose process is gone was killed
+HOST_TAG = "nanosweep.host"  # machine of the process training the run (for people: liveness is the heartbeat)
+PID_TAG = "nanosweep.pid"  # its process id there
 FUSED_GROUP_TAG = "fused_group"  # runs with the same value trained together as one stacked model
+EXECUTOR_TAG = "executor"  # local or ray: what ran the trial's process
+NODE_TAG = "node"  # where: the host name (local) or the Ray node id
+RESUMED_FROM_TAG = "nanosweep.resumed_from"  # the checkpoint iteration the run's last process continued from
+# A RUNNING run is alive while its trial process or its driver (sweep, search) keeps this tag fresh: unix
+# seconds, stamped every heartbeat_seconds(). Older than STALE_BEATS beats, it is dead wherever it ran and is
+# resumed from its checkpoint. Machines' clocks must agree to well within that (NTP).
+HEARTBEAT_TAG = "nanosweep.heartbeat"
+HEARTBEAT_ENV = "NANOSWEEP_HEARTBEAT_SECONDS"  # the beat; the same on every machine of a study
+DEFAULT_HEARTBEAT_SECONDS = 15.0
+STALE_BEATS = 4  # missed beats before a run counts as dead: 60 s by default
+
+
+def heartbeat_seconds() -> float:
+    return float(os.environ.get(HEARTBEAT_ENV) or DEFAULT_HEARTBEAT_SECONDS)
+
+
+def heartbeat_now() -> dict[str, str]:
+    """The heartbeat tag, stamped now."""
+    return {HEARTBEAT_TAG: f"{time.time():.1f}"}
+
+
+def heartbeat_age(tags: dict[str, str]) -> float | None:
+    """Seconds since the run's last heartbeat; None when it never had one."""
+    try:
+        return time.time() - float(tags[HEARTBEAT_TAG])
+    except (KeyError, ValueError):
+        return None
+
+
+def alive(tags: dict[str, str]) -> bool:
+    """Is someone still training this RUNNING run (wherever it runs)? Its heartbeat says, within the stale limit."""
+    age = heartbeat_age(tags)
+    return age is not None and age <= STALE_BEATS * heartbeat_seconds()
+
+
+class Heartbeat:
+    """Keeps the heartbeat tag of runs fresh from a daemon thread while a process trains or drives them: the
+    runs given, and those `also` returns at each beat. A beat that cannot reach the store is skipped."""
+
+    def __init__(self, run_ids: Iterable[str], also: Callable[[], Iterable[str]] | None = None) -> None:
+        self.run_ids = list(run_ids)
+        self.also = also
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat_until_stopped, name="heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        targets = [*self.run_ids, *(self.also() if self.also else ())]
+        client, tags = MlflowClient(), [RunTag(k, v) for k, v in heartbeat_now().items()]
+        for run_id in targets:
+            try:
+                client.log_batch(run_id, tags=tags)
+            except Exception:  # a store briefly away, a run deleted: a dead heartbeat thread would be worse
+                pass
+
+    def _beat_until_stopped(self) -> None:
+        while not self._stopped.wait(heartbeat_seconds()):
+            self.beat()
+
+    def start(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
 
 
 class TrackingError(RuntimeError):
@@ -237,7 +304,7 @@ class TrackedRun:
     ) -> TrackedRun:
         # mlflow.user and git commit, as mlflow.start_run adds them (the UI's "Created by" and "Source");
         # the source is nanosweep, not the __main__.py of `python -m nanosweep`
-        tags = resolve_tags({"mlflow.source.name": "nanosweep", **tags})
+        tags = resolve_tags({"mlflow.source.name": "nanosweep", **tags, **heartbeat_now()})  # alive from birth
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id  # nests the run under its sweep in the UI
         run = MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags)

@@ -21,15 +21,20 @@ from typing import Any
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import SOURCE_URL, Batches, PreparedData, Vocab, prepare
+from nanosweep.executors import EXECUTOR_ENV, NODE_ENV
 from nanosweep.model import GPT
 from nanosweep.progress import ProgressObserver
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
+    EXECUTOR_TAG,
     HOST_TAG,
+    NODE_TAG,
     PID_TAG,
+    RESUMED_FROM_TAG,
     RUN_KIND_TAG,
     CheckpointUnreadable,
+    Heartbeat,
     TrackedRun,
     TrackingError,
     ensure_experiment,
@@ -113,6 +118,12 @@ def check_resumable(cfg: TrainConfig, run: TrackedRun) -> None:
         raise TrackingError(f"run {run.run_id} is FINISHED: a finished run is never trained again; start a new run")
 
 
+def placement_tags() -> dict[str, str]:
+    """The executor and node tags, from what the executor that started this process told it."""
+    placed = {EXECUTOR_TAG: os.environ.get(EXECUTOR_ENV), NODE_TAG: os.environ.get(NODE_ENV)}
+    return {tag: value for tag, value in placed.items() if value}
+
+
 @dataclass
 class RunRecorder:
     """One trial's MLflow run as the training loop's observer, and what is logged at its start and end."""
@@ -132,13 +143,14 @@ class RunRecorder:
     ) -> None:
         """Tags, params, dataset, vocabulary and nanoGPT config file: everything known before training."""
         cfg, vocab = self.cfg, prepared.vocab()
-        # host and pid let a later sweep tell a live RUNNING run from one whose process was killed
+        # where it trains, for people; whether it still does is the heartbeat's to say (tracking.alive)
         self.run.set_tags(
             {
                 "mlflow.runName": cfg.run_name,
                 CONFIG_HASH_TAG: cfg.config_hash,
                 HOST_TAG: socket.gethostname(),
                 PID_TAG: os.getpid(),
+                **placement_tags(),
                 **tags,
             }
         )
@@ -209,6 +221,7 @@ def train_runs(
     recorders = [RunRecorder(cfg, run) for cfg, run in specs]
     recorder_of: dict[int, RunRecorder] = {}  # id(Trial) -> its run
     previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
+    heartbeat = Heartbeat(run.run_id for _, run in specs).start()  # until every run has ended
     try:
         trials = []
         for recorder in recorders:
@@ -220,6 +233,8 @@ def train_runs(
                 recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
                 continue
             start = checkpoint["iter_num"] if checkpoint else 0
+            if checkpoint:  # each resume is recorded: where this process took the run over
+                recorder.run.set_tags({RESUMED_FROM_TAG: start})
             observer = ProgressObserver(recorder, recorder.cfg, start_iter=start)
             trials.append(Trial(recorder.cfg, model, watch(observer) if watch else observer, checkpoint))
             recorder_of[id(trials[-1])] = recorder
@@ -251,6 +266,7 @@ def train_runs(
                 recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        heartbeat.stop()
         for stop, handler in previous.items():
             signal.signal(stop, handler)
     return {recorder.run.run_id: recorder.ended for recorder in recorders}

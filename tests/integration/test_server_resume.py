@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from nanosweep.sweep import process_alive
+from conftest import heartbeat_stopped
 
 from .server_checks import (
     missing_or_doubled,
@@ -46,8 +46,9 @@ def test_rerun_resumes_trials_killed_by_sigkill_from_their_checkpoints(server, t
     _, before = sweep_runs(client, experiment_id)
     stale = [r for r in before if r.info.status == "RUNNING"]
     assert stale, "the kill left no trial RUNNING: nothing to resume"
-    # the kernel takes a moment to end the killed trials; until then a rerun would see them busy
-    wait_until(lambda: not any(process_alive(r.data.tags) for r in stale), 60, "end of the killed trial processes")
+    # until their heartbeat is stale a rerun sees them busy
+    stopped = lambda: all(heartbeat_stopped(r.info.run_id, client) for r in stale)  # noqa: E731
+    wait_until(stopped, 60, "stale heartbeats of the killed trials")
 
     rerun = server.cli(*sweep_command(sweeps_dir, name))
     assert rerun.returncode == 0, rerun.stdout

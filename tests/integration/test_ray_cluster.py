@@ -1,0 +1,197 @@
+"""Sweeps on a real two-node Ray cluster (ray.cluster_utils.Cluster: a head and a worker node, each with its own
+raylet and one CPU) logging to the PostgreSQL-backed tracking server; a worker node killed mid-trial.
+
+Every packet stays on loopback: the nodes bind 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray use the
+loopback address for its nodes, as it does on a laptop, instead of this machine's network address), and what Ray
+would send elsewhere at start-up (cloud metadata probes) goes to a closed loopback proxy port. A thread watching
+the machine's TCP connections during the sweep checks it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from nanosweep.data import PreparedData
+
+from .conftest import Server
+from .server_checks import missing_or_doubled, sweep_runs, unique_experiment, wait_until, write_member
+
+pytestmark = pytest.mark.server
+
+LOOPBACK_ONLY = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # read when ray is imported: nodes on 127.0.0.1
+    "RAY_USAGE_STATS_ENABLED": "0",
+    **{proxy: "http://127.0.0.1:9" for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+    **{no_proxy: "127.0.0.1,localhost,::1" for no_proxy in ("NO_PROXY", "no_proxy")},
+}
+
+
+@dataclass
+class RayCluster:
+    cluster: Any  # ray.cluster_utils.Cluster
+    head_id: str
+    worker: Any  # the worker node, for killing it
+    worker_id: str
+    worker_data_dir: Path  # the worker node's own data dir: it starts without tiny Shakespeare
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    saved = dict(os.environ)
+    os.environ.update(LOOPBACK_ONLY)
+    from ray.cluster_utils import Cluster  # after the environment above: Ray reads it on import
+
+    node_args = dict(num_cpus=1, object_store_memory=80 * 2**20)
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    # the worker node finds no text: no NANOSWEEP_INPUT, an empty data dir; its trials get the driver's copy
+    worker_data_dir = tmp_path_factory.mktemp("worker-node-data")
+    os.environ.pop("NANOSWEEP_INPUT", None)
+    os.environ["NANOSWEEP_DATA_DIR"] = str(worker_data_dir)
+    worker = cluster.add_node(**node_args)
+    os.environ.clear()
+    os.environ.update({**saved, **LOOPBACK_ONLY})
+    cluster.wait_for_nodes()
+    try:
+        yield RayCluster(cluster, cluster.head_node.node_id, worker, worker.node_id, worker_data_dir)
+    finally:
+        cluster.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+class OffLoopbackWatch:
+    """Samples the machine's TCP connections while a test runs; collects every remote address off loopback."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            for conn in psutil.net_connections(kind="inet"):
+                if conn.raddr and not ipaddress.ip_address(conn.raddr.ip.removeprefix("::ffff:")).is_loopback:
+                    self.seen.add(f"{conn.raddr.ip}:{conn.raddr.port} ({conn.status})")
+
+    def __enter__(self) -> OffLoopbackWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def ray_sweep(server: Server, cluster: RayCluster, sweeps_dir: Path, experiment: str, *extra: str) -> list[str]:
+    return [
+        "sweep",
+        "--member",
+        "tiny",
+        "--sweeps-dir",
+        str(sweeps_dir),
+        "--experiment",
+        experiment,
+        "--executor",
+        "ray",
+        "--ray-address",
+        cluster.address,
+        "--fuse",
+        "1",
+        *extra,
+    ]
+
+
+def test_a_sweep_over_two_nodes_finishes_every_run_once_tagged_with_its_node(
+    server: Server, ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    sweeps_dir = write_member(tmp_path / "sweeps", max_iters=[20, 40], eval_interval=10)
+    name = unique_experiment("it-ray")
+    with OffLoopbackWatch() as watch:
+        done = server.cli(*ray_sweep(server, ray_cluster, sweeps_dir, name))
+    assert done.returncode == 0, done.stdout
+    assert "2 at a time on Ray cluster at 127.0.0.1" in done.stdout
+    assert watch.seen == set(), "connections off loopback"
+
+    client = server.client()
+    parents, children = sweep_runs(client, client.get_experiment_by_name(name).experiment_id)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    for run in children:
+        assert missing_or_doubled(client, run) == {}, run.info.run_name
+        assert run.data.tags["executor"] == "ray"
+        assert "ckpt.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}  # uploaded through the server
+    assert {r.data.tags["node"] for r in children} == {ray_cluster.head_id, ray_cluster.worker_id}
+    assert (ray_cluster.worker_data_dir / "input.txt").is_file()  # the worker node got the driver's copy
+
+
+def test_a_sqlite_store_is_refused_for_a_cluster_of_two_nodes_before_anything_is_written(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    sweeps_dir = write_member(tmp_path / "sweeps", max_iters=[20], eval_interval=10)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [sys.executable, "-m", "nanosweep", "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir)]
+    argv += ["--executor", "ray", "--ray-address", ray_cluster.address, "--tracking-uri", uri]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"Error: tracking URI {uri} is a file on this machine and the Ray cluster has 2 nodes")
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == []  # no parent, no trial run
+
+
+def test_a_worker_node_killed_mid_trial_is_resumed_on_the_other_node_from_its_checkpoint(
+    server: Server, ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Last in the module: the cluster has one node left afterwards."""
+    sweeps_dir = write_member(tmp_path / "sweeps", max_iters=[400], eval_interval=50)
+    name = unique_experiment("it-ray-kill")
+    client = server.client()
+    sweep = server.popen(*ray_sweep(server, ray_cluster, sweeps_dir, name))
+
+    def on_the_worker_with_a_checkpoint() -> Any:
+        experiment = client.get_experiment_by_name(name)
+        runs = sweep_runs(client, experiment.experiment_id)[1] if experiment else []
+        return next(
+            (
+                r
+                for r in runs
+                if r.data.tags.get("node") == ray_cluster.worker_id
+                and int(r.data.tags.get("nanosweep.checkpoint_iter", 0)) >= 50
+            ),
+            None,
+        )
+
+    try:
+        victim = wait_until(on_the_worker_with_a_checkpoint, 300, "trial with a checkpoint on the worker", sweep)
+        ray_cluster.cluster.remove_node(ray_cluster.worker, allow_graceful=False)  # the machine is gone
+        output, _ = sweep.communicate(timeout=600)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, output
+
+    parents, children = sweep_runs(client, client.get_experiment_by_name(name).experiment_id)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}  # no run duplicated
+    resumed = client.get_run(victim.info.run_id)
+    assert resumed.data.tags["node"] == ray_cluster.head_id  # where Ray ran it again
+    assert int(resumed.data.tags["nanosweep.resumed_from"]) >= int(victim.data.tags["nanosweep.checkpoint_iter"])
+    for run in children:
+        assert missing_or_doubled(client, run) == {}, run.info.run_name
