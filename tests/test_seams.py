@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from conftest import TINY_MEMBER
+from conftest import TINY_MEMBER, heartbeat_stopped
 from nanosweep.tracking import TrackedRun, ensure_experiment
 from test_sweep import REPO, wait_for
 
@@ -155,6 +155,7 @@ def test_a_cut_off_run_with_an_unreadable_checkpoint_ends_failed_and_the_point_t
     )
     os.killpg(proc.pid, signal.SIGKILL)  # cut off: the run stays RUNNING with its checkpoint
     proc.communicate()
+    wait_for(lambda: heartbeat_stopped(victim.info.run_id))  # until then a rerun leaves it alone
     ckpt = checkpoint_file(victim.info.run_id)
     wait_for(lambda: ckpt.is_file())
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a truncated upload

@@ -210,7 +210,8 @@ def train_group_command(
 @click.option(
     "--ray-address",
     default=None,
-    help="the Ray cluster, e.g. HEAD:6379 (default: RAY_ADDRESS, else a local Ray started for the sweep)",
+    help="the Ray cluster, e.g. HEAD:6379 (default: RAY_ADDRESS, else the cluster `ray start` started on this "
+    "machine, else a local Ray started for the sweep)",
 )
 @sweeps_dir_option
 @click.option("--dry-run", is_flag=True, help="show what would run, resume or be skipped, and stop")

@@ -96,10 +96,10 @@ def check_tracking_reachable(nodes: int) -> None:
 
 
 class RayExecutor(Executor):
-    """Trial commands as Ray tasks on the cluster at address (else RAY_ADDRESS, else a local Ray started here)."""
+    """Trial commands as Ray tasks on the cluster at address; None follows Ray's rule: RAY_ADDRESS, else the
+    cluster `ray start` started on this machine, else a local Ray started for this sweep."""
 
     def __init__(self, address: str | None, workers: int, trials_per_gpu: int, input_path: Path):
-        address = address or os.environ.get("RAY_ADDRESS") or None
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         try:
             nodes = [node for node in ray.nodes() if node["Alive"]]
@@ -112,7 +112,7 @@ class RayExecutor(Executor):
         self.cuda = gpus > 0
         self._capacity = workers or max(1, int(gpus * trials_per_gpu) if self.cuda else int(cpus))
         self.where = (
-            f"Ray cluster at {address or 'a local Ray started for this sweep'}: {len(nodes)} node(s), "
+            f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s), "
             f"{gpus:g} GPU(s), {cpus:g} CPU(s)"
         )
         self._task = ray.remote(run_on_node).options(

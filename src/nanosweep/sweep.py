@@ -65,7 +65,7 @@ class SweepOptions:
     dry_run: bool = False
     repeats: int = 0  # seeds per grid point; 0: the member file's `repeats` (default 1)
     executor: str = "local"  # local (processes on this machine) or ray (tasks on a Ray cluster)
-    ray_address: str | None = None  # the Ray cluster; None: RAY_ADDRESS, else a local Ray started for the sweep
+    ray_address: str | None = None  # the Ray cluster; None: Ray's rule (RayExecutor)
 
 
 @dataclass

@@ -56,6 +56,20 @@ def test_trainer_reserves_gpus_and_reaches_the_server_with_credentials(compose) 
     assert "MLFLOW_TRACKING_USERNAME" in env and "MLFLOW_TRACKING_PASSWORD" in env
 
 
+def test_ray_nodes_run_the_trainer_image_with_gpus_on_the_workers_and_credentials_for_the_server(compose) -> None:
+    head, worker = compose["services"]["ray-head"], compose["services"]["ray-worker"]
+    assert head["image"] == worker["image"] == compose["services"]["trainer"]["image"]  # one Python, torch, Ray
+    assert head["entrypoint"] == worker["entrypoint"] == ["ray"]
+    assert "--head" in head["command"] and "--block" in head["command"]
+    assert "--address=ray-head:6379" in worker["command"]
+    [device] = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    for node in (head, worker):
+        assert node["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(node["environment"])
+    assert "ray" in (DOCKER / "Dockerfile").read_text().split("AS trainer", 1)[1]  # the image has the extra
+
+
 def test_secrets_come_from_an_uncommitted_env_file_with_a_committed_example() -> None:
     text = COMPOSE.read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))
