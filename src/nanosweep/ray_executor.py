@@ -100,7 +100,14 @@ class RayExecutor(Executor):
     cluster `ray start` started on this machine, else a local Ray started for this sweep."""
 
     def __init__(self, address: str | None, workers: int, trials_per_gpu: int, input_path: Path):
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as exc:
+            raise ExecutorError(
+                f"cannot reach a Ray cluster at {address or os.environ.get('RAY_ADDRESS')!r} ({exc}): start one with "
+                "`ray start --head`, or give its address with --ray-address or RAY_ADDRESS; a cluster with token "
+                "authentication also needs RAY_AUTH_MODE=token here"
+            ) from None
         try:
             nodes = [node for node in ray.nodes() if node["Alive"]]
             check_tracking_reachable(len(nodes))
