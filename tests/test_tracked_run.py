@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -220,3 +221,28 @@ def test_trials_starting_together_on_a_new_experiment_all_log_the_dataset(store)
         if racer.is_alive():
             racer.terminate()
     assert outcomes == ["ok"] * 4
+
+
+def test_a_run_ending_while_a_sibling_logs_asynchronously_does_not_break_the_sibling(store):
+    """In a fused group one run ends (MLflow's set_terminated shuts the process's async logging queue down) while
+    its siblings go on logging through that queue: none of their points may fail or be lost."""
+    experiment_id = ensure_experiment("race")
+    sibling = TrackedRun.create(experiment_id, "sibling", {})
+    errors: list[BaseException] = []
+
+    def log_steadily() -> None:
+        try:
+            for step in range(300):
+                sibling.log_metrics({"iter_loss": 1.0 / (step + 1)}, step)
+                sibling.flush()  # one async batch per step, as often as the race needs
+        except BaseException as exc:
+            errors.append(exc)
+
+    logger = threading.Thread(target=log_steadily)
+    logger.start()
+    while logger.is_alive():
+        TrackedRun.create(experiment_id, "short", {}).finish("FINISHED")
+    logger.join()
+    assert errors == []
+    sibling.finish("FINISHED")
+    assert [step for step, _ in sibling.metric_history("iter_loss")] == list(range(300))

@@ -57,6 +57,7 @@ STALE_BEATS = 4  # missed beats before a run counts as dead: 60 s by default
 
 
 def heartbeat_seconds() -> float:
+    """The beat: NANOSWEEP_HEARTBEAT_SECONDS, else 15 s."""
     return float(os.environ.get(HEARTBEAT_ENV) or DEFAULT_HEARTBEAT_SECONDS)
 
 
@@ -110,6 +111,11 @@ class Heartbeat:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join()
+
+
+# MLflow's set_terminated shuts down the process-wide queue of asynchronous logging; a sibling run of a fused
+# group logging asynchronously at that moment fails ("cannot schedule new futures after shutdown"). Both hold this.
+_ASYNC_LOGGING = threading.Lock()
 
 
 class TrackingError(RuntimeError):
@@ -365,7 +371,8 @@ class TrackedRun:
                 self._timer = None
             while self._buffer:
                 batch, self._buffer = self._buffer[:METRIC_BATCH], self._buffer[METRIC_BATCH:]
-                self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+                with _ASYNC_LOGGING:
+                    self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def log_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save ckpt.pt and upload it in the background; at most one upload is in flight."""
@@ -475,6 +482,7 @@ class TrackedRun:
         finally:
             if reason:
                 self.set_tags({"nanosweep.end_reason": reason[:5000]})
-            self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
+            with _ASYNC_LOGGING:  # it shuts down the async queue that sibling runs log through
+                self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
             self.ended = True
             self._scratch.cleanup()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -155,6 +156,35 @@ def test_a_sqlite_store_is_refused_for_a_cluster_of_two_nodes_before_anything_is
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert client.search_runs(experiments) == []  # no parent, no trial run
+
+
+def test_sigterm_of_the_sweep_cancels_its_tasks_on_the_cluster_and_the_trials_end_their_runs_killed(
+    server: Server, ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    sweeps_dir = write_member(tmp_path / "sweeps", max_iters=[400], eval_interval=50)
+    name = unique_experiment("it-ray-stop")
+    client = server.client()
+    sweep = server.popen(*ray_sweep(server, ray_cluster, sweeps_dir, name))
+
+    def both_with_a_checkpoint() -> bool:
+        experiment = client.get_experiment_by_name(name)
+        runs = sweep_runs(client, experiment.experiment_id)[1] if experiment else []
+        return sum("nanosweep.checkpoint_iter" in r.data.tags for r in runs) == 2
+
+    try:
+        wait_until(both_with_a_checkpoint, 300, "two trials with a checkpoint", sweep)
+        sweep.send_signal(signal.SIGTERM)
+        output, _ = sweep.communicate(timeout=300)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 130, output
+    parents, children = sweep_runs(client, client.get_experiment_by_name(name).experiment_id)
+    assert parents[0].info.status == "KILLED" and len(children) == 2
+    for run in children:
+        assert run.info.status == "KILLED"
+        assert run.data.tags["nanosweep.end_reason"] == "interrupted by SIGTERM"  # the trial ended it, on its node
+    commands = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+    assert not [c for c in commands for r in children if r.info.run_id in c], "trial processes outlived the sweep"
 
 
 def test_a_worker_node_killed_mid_trial_is_resumed_on_the_other_node_from_its_checkpoint(
