@@ -34,6 +34,7 @@ from nanosweep.executors import (
     TrialLaunch,
 )
 from nanosweep.tracking import HEARTBEAT_ENV
+from nanosweep.trial import stop_signals
 
 NODE_RETRIES = 3  # times Ray reruns a trial whose node or worker process died
 POLL_SECONDS = 0.5
@@ -140,7 +141,8 @@ class RayExecutor(Executor):
         return [entry[0] for entry in list(self._running.values())]  # copied at once: read by the heartbeat
 
     def start(self, launch: TrialLaunch) -> int:
-        ref = self._task.remote(launch.argv, {**self._env, **launch.env}, self._text)
+        with stop_signals.deferred():
+            ref = self._task.remote(launch.argv, {**self._env, **launch.env}, self._text)
         self._running[ref] = (launch, time.monotonic())
         return 0  # no process id here: the process is on whichever node Ray chose
 
@@ -165,10 +167,13 @@ class RayExecutor(Executor):
         if not self._running:
             return []
         refs = list(self._running)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        if ready:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        return [self._exit(ref) for ref in ready]
+        # Ray's calls are compiled: a stop signal's exception raised inside one comes out as a SystemError, so
+        # the sweep's SIGTERM/Ctrl-C waits for the end of the call (at most timeout)
+        with stop_signals.deferred():
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            return [self._exit(ref) for ref in ready]
 
     def stop(self, signum: int, grace: float) -> list[TrialExit]:
         """Cancel every task: each sends its trial SIGTERM and waits up to grace; force what is left after that."""
