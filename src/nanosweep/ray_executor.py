@@ -38,8 +38,9 @@ from nanosweep.trial import stop_signals
 
 NODE_RETRIES = 3  # times Ray reruns a trial whose node or worker process died
 POLL_SECONDS = 0.5
-# the sweep's environment a trial needs on another machine: where to log and as whom; never its run or experiment
-FORWARDED_ENV_PREFIXES = ("MLFLOW_",)
+# the sweep's environment a trial needs on another machine: where to log and as whom, and the heartbeat's beat;
+# never the sweep's own run or experiment
+FORWARDED_ENV_PREFIXES = ("MLFLOW_", HEARTBEAT_ENV)
 NOT_FORWARDED = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 LOCAL_STORE_SCHEMES = ("", "file", "sqlite")  # tracking URIs that name a file of this machine
 
@@ -52,8 +53,6 @@ def trial_env() -> dict[str, str]:
         if key.startswith(FORWARDED_ENV_PREFIXES) and key not in NOT_FORWARDED
     }
     env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
-    if HEARTBEAT_ENV in os.environ:
-        env[HEARTBEAT_ENV] = os.environ[HEARTBEAT_ENV]
     return env
 
 

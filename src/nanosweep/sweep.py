@@ -44,7 +44,7 @@ from nanosweep.tracking import (
     study_scope,
 )
 from nanosweep.train import fusion_key
-from nanosweep.trial import STOP_SIGNALS, Interrupted, check_fits, interrupt_once, trial_spec
+from nanosweep.trial import Interrupted, check_fits, stop_signals, trial_spec
 
 # --fuse auto on CPU: trials per group (bench/README.md, bench_study.py: on a 2-core CPU fusing is no slower per
 # trial-iteration and saves a process start per trial); on CUDA a group takes every trial of its fusion key.
@@ -334,26 +334,25 @@ def supervise_trials(
     The first signal stops the driver; later ones are ignored so they cannot cut the shutdown short. Runs
     (ids, read at the end) that no trial ended, killed after the grace or never started, end KILLED here.
     """
-    previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
-    heartbeat = Heartbeat([parent.run_id], also=lambda: [i for launch in executor.running() for i in launch.run_ids])
-    heartbeat.start()
-    try:
-        yield
-    except (Interrupted, KeyboardInterrupt) as exc:
-        reason = exc.args[0] if exc.args else "SIGINT"
-        stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
-        # trials that got the same Ctrl-C are already ending their runs and ignore this SIGTERM
-        executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
-        for run_id in runs:
-            run = TrackedRun(run_id)
-            if run.info().info.status == "RUNNING":
-                run.finish("KILLED", f"{name} was interrupted by {reason} before the trial ended its run")
-        parent.finish("KILLED", f"interrupted by {reason}")
-        raise
-    finally:
-        heartbeat.stop()
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
+
+    def launched() -> list[str]:
+        """The runs of every trial process started and not ended yet: this driver keeps them alive."""
+        return [run_id for launch in executor.running() for run_id in launch.run_ids]
+
+    with stop_signals.installed(), Heartbeat([parent.run_id], also=launched):
+        try:
+            yield
+        except (Interrupted, KeyboardInterrupt) as exc:
+            reason = exc.args[0] if exc.args else "SIGINT"
+            stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
+            # trials that got the same Ctrl-C are already ending their runs and ignore this SIGTERM
+            executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
+            for run_id in runs:
+                run = TrackedRun(run_id)
+                if run.info().info.status == "RUNNING":
+                    run.finish("KILLED", f"{name} was interrupted by {reason} before the trial ended its run")
+            parent.finish("KILLED", f"interrupted by {reason}")
+            raise
 
 
 def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:

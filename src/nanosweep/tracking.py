@@ -81,8 +81,9 @@ def alive(tags: dict[str, str]) -> bool:
 
 
 class Heartbeat:
-    """Keeps the heartbeat tag of runs fresh from a daemon thread while a process trains or drives them: the
-    runs given, and those `also` returns at each beat. A beat that cannot reach the store is skipped."""
+    """Keeps the heartbeat tag of runs fresh from a daemon thread for as long as the `with` block of a process
+    that trains or drives them: the runs given, and those `also` returns at each beat. A beat that cannot reach
+    the store is skipped."""
 
     def __init__(self, run_ids: Iterable[str], also: Callable[[], Iterable[str]] | None = None) -> None:
         self.run_ids = list(run_ids)
@@ -103,12 +104,12 @@ class Heartbeat:
         while not self._stopped.wait(heartbeat_seconds()):
             self.beat()
 
-    def start(self) -> Heartbeat:
+    def __enter__(self) -> Heartbeat:
         self.beat()
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stopped.set()
         self._thread.join()
 

@@ -77,6 +77,17 @@ class StopSignals:
         raise Interrupted(name)
 
     @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """SIGINT and SIGTERM raise Interrupted (once) inside this block; the handlers before come back after it.
+        Sweeps, searches and trials all stop this way."""
+        previous = {stop: signal.signal(stop, self.handle) for stop in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for stop, handler in previous.items():
+                signal.signal(stop, handler)
+
+    @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """A section that a stop signal does not interrupt; it raises Interrupted at its end instead."""
         self.deferring = True
@@ -89,11 +100,6 @@ class StopSignals:
 
 
 stop_signals = StopSignals()
-
-
-def interrupt_once(signum: int, frame: FrameType | None) -> None:
-    """The handler sweeps and trials install for SIGINT and SIGTERM (see StopSignals)."""
-    stop_signals.handle(signum, frame)
 
 
 def check_fits(cfg: TrainConfig, prepared: PreparedData) -> None:
@@ -220,55 +226,51 @@ def train_runs(
     batches = Batches(prepared, hardware.device)
     recorders = [RunRecorder(cfg, run) for cfg, run in specs]
     recorder_of: dict[int, RunRecorder] = {}  # id(Trial) -> its run
-    previous = {stop: signal.signal(stop, interrupt_once) for stop in STOP_SIGNALS}
-    heartbeat = Heartbeat(run.run_id for _, run in specs).start()  # until every run has ended
-    try:
-        trials = []
-        for recorder in recorders:
-            model = build_model(recorder.cfg, vocab.size)
-            recorder.start(model, hardware, prepared, batches, tags)
-            try:
-                checkpoint = recorder.run.download_checkpoint()
-            except CheckpointUnreadable as exc:  # this run fails (the sweep retrains it); its siblings go on
-                recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
-                continue
-            start = checkpoint["iter_num"] if checkpoint else 0
-            if checkpoint:  # each resume is recorded: where this process took the run over
-                recorder.run.set_tags({RESUMED_FROM_TAG: start})
-            observer = ProgressObserver(recorder, recorder.cfg, start_iter=start)
-            trials.append(Trial(recorder.cfg, model, watch(observer) if watch else observer, checkpoint))
-            recorder_of[id(trials[-1])] = recorder
-
-        def ended(trial: Trial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
-            recorder = recorder_of[id(trial)]
-            with stop_signals.deferred():
-                if isinstance(result, Diverged):
-                    recorder.end("FAILED", f"Diverged: {result}")
-                elif isinstance(result, StoppedEarly):
-                    recorder.run.set_tags(result.tags)
-                    recorder.end("FINISHED", str(result))
-                else:
-                    try:
-                        recorder.finish_trained(result, trial.model, vocab)
-                    except Exception as exc:  # its siblings go on; this run's end says why
-                        recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
-
-        if trials:
-            train_fused(trials, batches, hardware, ended)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        # Ctrl-C reaches the sweep too, whose SIGTERM follows: interrupt_once ignores it now
-        for recorder in recorders:
-            recorder.end("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
-        raise
-    except BaseException as exc:
-        with stop_signals.deferred():
+    # the heartbeat goes on until every run has ended
+    with stop_signals.installed(), Heartbeat(run.run_id for _, run in specs):
+        try:
+            trials = []
             for recorder in recorders:
-                recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        heartbeat.stop()
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
+                model = build_model(recorder.cfg, vocab.size)
+                recorder.start(model, hardware, prepared, batches, tags)
+                try:
+                    checkpoint = recorder.run.download_checkpoint()
+                except CheckpointUnreadable as exc:  # this run fails (the sweep retrains it); its siblings go on
+                    recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
+                    continue
+                start = checkpoint["iter_num"] if checkpoint else 0
+                if checkpoint:  # each resume is recorded: where this process took the run over
+                    recorder.run.set_tags({RESUMED_FROM_TAG: start})
+                observer = ProgressObserver(recorder, recorder.cfg, start_iter=start)
+                trials.append(Trial(recorder.cfg, model, watch(observer) if watch else observer, checkpoint))
+                recorder_of[id(trials[-1])] = recorder
+
+            def ended(trial: Trial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
+                recorder = recorder_of[id(trial)]
+                with stop_signals.deferred():
+                    if isinstance(result, Diverged):
+                        recorder.end("FAILED", f"Diverged: {result}")
+                    elif isinstance(result, StoppedEarly):
+                        recorder.run.set_tags(result.tags)
+                        recorder.end("FINISHED", str(result))
+                    else:
+                        try:
+                            recorder.finish_trained(result, trial.model, vocab)
+                        except Exception as exc:  # its siblings go on; this run's end says why
+                            recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
+
+            if trials:
+                train_fused(trials, batches, hardware, ended)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            # Ctrl-C reaches the sweep too, whose SIGTERM follows: stop_signals ignores it now
+            for recorder in recorders:
+                recorder.end("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
+            raise
+        except BaseException as exc:
+            with stop_signals.deferred():
+                for recorder in recorders:
+                    recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
+            raise
     return {recorder.run.run_id: recorder.ended for recorder in recorders}
 
 

@@ -118,6 +118,12 @@ def ray_sweep(server: Server, cluster: RayCluster, sweeps_dir: Path, experiment:
     ]
 
 
+def trial_runs(client: MlflowClient, experiment: str) -> list[Any]:
+    """The trial runs of an experiment a sweep is filling (none before it exists)."""
+    found = client.get_experiment_by_name(experiment)
+    return sweep_runs(client, found.experiment_id)[1] if found else []
+
+
 def test_a_sweep_over_two_nodes_finishes_every_run_once_tagged_with_its_node(
     server: Server, ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
@@ -167,9 +173,7 @@ def test_sigterm_of_the_sweep_cancels_its_tasks_on_the_cluster_and_the_trials_en
     sweep = server.popen(*ray_sweep(server, ray_cluster, sweeps_dir, name))
 
     def both_with_a_checkpoint() -> bool:
-        experiment = client.get_experiment_by_name(name)
-        runs = sweep_runs(client, experiment.experiment_id)[1] if experiment else []
-        return sum("nanosweep.checkpoint_iter" in r.data.tags for r in runs) == 2
+        return sum("nanosweep.checkpoint_iter" in r.data.tags for r in trial_runs(client, name)) == 2
 
     try:
         wait_until(both_with_a_checkpoint, 300, "two trials with a checkpoint", sweep)
@@ -197,17 +201,8 @@ def test_a_worker_node_killed_mid_trial_is_resumed_on_the_other_node_from_its_ch
     sweep = server.popen(*ray_sweep(server, ray_cluster, sweeps_dir, name))
 
     def on_the_worker_with_a_checkpoint() -> Any:
-        experiment = client.get_experiment_by_name(name)
-        runs = sweep_runs(client, experiment.experiment_id)[1] if experiment else []
-        return next(
-            (
-                r
-                for r in runs
-                if r.data.tags.get("node") == ray_cluster.worker_id
-                and int(r.data.tags.get("nanosweep.checkpoint_iter", 0)) >= 50
-            ),
-            None,
-        )
+        on_the_worker = [r for r in trial_runs(client, name) if r.data.tags.get("node") == ray_cluster.worker_id]
+        return next((r for r in on_the_worker if int(r.data.tags.get("nanosweep.checkpoint_iter", 0)) >= 50), None)
 
     try:
         victim = wait_until(on_the_worker_with_a_checkpoint, 300, "trial with a checkpoint on the worker", sweep)
