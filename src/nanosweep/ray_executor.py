@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import ray
+from ray._raylet import Config as RayConfig
 from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 
 from nanosweep.data import cache_input
@@ -43,6 +44,7 @@ POLL_SECONDS = 0.5
 FORWARDED_ENV_PREFIXES = ("MLFLOW_", HEARTBEAT_ENV)
 NOT_FORWARDED = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 LOCAL_STORE_SCHEMES = ("", "file", "sqlite")  # tracking URIs that name a file of this machine
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # token: send the cluster a token (token authentication)
 
 
 def trial_env() -> dict[str, str]:
@@ -84,6 +86,21 @@ def run_on_node(argv: list[str], env: dict[str, str], text: bytes) -> tuple[int,
         return proc.returncode, log.read(), node
 
 
+def send_token_if_at_hand() -> None:
+    """Ray's rule for `ray start --head`, on the connecting side: with RAY_AUTH_MODE unset and a token at hand
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), connect in token mode.
+
+    A head started after any local Ray (which writes ~/.ray/auth_token) demands the token, and Ray sends it only
+    to a cluster it found by itself; a cluster without token authentication accepts it all the same.
+    """
+    if AUTH_MODE_ENV in os.environ:
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ[AUTH_MODE_ENV] = "token"
+        RayConfig.initialize("")  # Ray read its settings at import: read them again, as Ray does on this switch
+
+
 def check_tracking_reachable(nodes: int) -> None:
     """Refuse a tracking store that is a file here when trials may run on other machines."""
     uri = mlflow.get_tracking_uri()
@@ -100,13 +117,14 @@ class RayExecutor(Executor):
     cluster `ray start` started on this machine, else a local Ray started for this sweep."""
 
     def __init__(self, address: str | None, workers: int, trials_per_gpu: int, input_path: Path):
+        send_token_if_at_hand()
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except ConnectionError as exc:
             raise ExecutorError(
                 f"cannot reach a Ray cluster at {address or os.environ.get('RAY_ADDRESS')!r} ({exc}): start one with "
                 "`ray start --head`, or give its address with --ray-address or RAY_ADDRESS; a cluster with token "
-                "authentication also needs RAY_AUTH_MODE=token here"
+                "authentication also needs its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)"
             ) from None
         try:
             nodes = [node for node in ray.nodes() if node["Alive"]]

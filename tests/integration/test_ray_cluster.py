@@ -5,12 +5,16 @@ Every packet stays on loopback: the nodes bind 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_
 loopback address for its nodes, as it does on a laptop, instead of this machine's network address), and what Ray
 would send elsewhere at start-up (cloud metadata probes) goes to a closed loopback proxy port. A thread watching
 the machine's TCP connections during the sweep checks it.
+
+The cluster uses Ray's token authentication, its token in a file that RAY_AUTH_TOKEN_PATH names; the sweeps run
+with RAY_AUTH_MODE unset, so they must send the token they find by themselves, as after `ray start --head`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -55,8 +59,14 @@ class RayCluster:
 @pytest.fixture(scope="module")
 def ray_cluster(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     saved = dict(os.environ)
-    os.environ.update(LOOPBACK_ONLY)
+    token_file = tmp_path_factory.mktemp("ray-auth") / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    with_token = {**LOOPBACK_ONLY, "RAY_AUTH_TOKEN_PATH": str(token_file)}  # what the sweeps get: no RAY_AUTH_MODE
+    os.environ.update({**with_token, "RAY_AUTH_MODE": "token"})
+    from ray._raylet import Config
     from ray.cluster_utils import Cluster  # after the environment above: Ray reads it on import
+
+    Config.initialize("")  # this process (the cluster's driver) in token mode, even if Ray was imported before
 
     node_args = dict(num_cpus=1, object_store_memory=80 * 2**20)
     cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
@@ -66,7 +76,7 @@ def ray_cluster(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory
     os.environ["NANOSWEEP_DATA_DIR"] = str(worker_data_dir)
     worker = cluster.add_node(**node_args)
     os.environ.clear()
-    os.environ.update({**saved, **LOOPBACK_ONLY})
+    os.environ.update({**saved, **with_token})
     cluster.wait_for_nodes()
     try:
         yield RayCluster(cluster, cluster.head_node.node_id, worker, worker.node_id, worker_data_dir)
@@ -162,6 +172,24 @@ def test_a_sqlite_store_is_refused_for_a_cluster_of_two_nodes_before_anything_is
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert client.search_runs(experiments) == []  # no parent, no trial run
+
+
+def test_a_sweep_without_the_clusters_token_is_refused_in_one_line_before_anything_is_written(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    sweeps_dir = write_member(tmp_path / "sweeps", max_iters=[20], eval_interval=10)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [sys.executable, "-m", "nanosweep", "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir)]
+    argv += ["--executor", "ray", "--ray-address", ray_cluster.address, "--tracking-uri", uri]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_AUTH_"))}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"Error: cannot reach a Ray cluster at '{ray_cluster.address}'")
+    assert error.endswith("also needs its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)")
+    client = MlflowClient(uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_sigterm_of_the_sweep_cancels_its_tasks_on_the_cluster_and_the_trials_end_their_runs_killed(
