@@ -157,39 +157,37 @@ def test_a_sweep_over_two_nodes_finishes_every_run_once_tagged_with_its_node(
     assert (ray_cluster.worker_data_dir / "input.txt").is_file()  # the worker node got the driver's copy
 
 
-def test_a_sqlite_store_is_refused_for_a_cluster_of_two_nodes_before_anything_is_written(
-    ray_cluster: RayCluster, tmp_path: Path
-) -> None:
+def refused_sqlite_sweep(cluster: RayCluster, tmp_path: Path, **env_changes: str) -> str:
+    """A tiny sweep onto the cluster with a SQLite store here, which must be refused before it writes a run:
+    its one-line error. env_changes replace variables of this environment (MLflow's are left out)."""
     sweeps_dir = write_member(tmp_path / "sweeps", max_iters=[20], eval_interval=10)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = [sys.executable, "-m", "nanosweep", "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir)]
-    argv += ["--executor", "ray", "--ray-address", ray_cluster.address, "--tracking-uri", uri]
+    argv += ["--executor", "ray", "--ray-address", cluster.address, "--tracking-uri", uri]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(argv, env={**env, **env_changes}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
-    error = done.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"Error: tracking URI {uri} is a file on this machine and the Ray cluster has 2 nodes")
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert client.search_runs(experiments) == []  # no parent, no trial run
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_a_sqlite_store_is_refused_for_a_cluster_of_two_nodes_before_anything_is_written(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    error = refused_sqlite_sweep(ray_cluster, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert error.startswith(f"Error: tracking URI {uri} is a file on this machine and the Ray cluster has 2 nodes")
 
 
 def test_a_sweep_without_the_clusters_token_is_refused_in_one_line_before_anything_is_written(
     ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
-    sweeps_dir = write_member(tmp_path / "sweeps", max_iters=[20], eval_interval=10)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = [sys.executable, "-m", "nanosweep", "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir)]
-    argv += ["--executor", "ray", "--ray-address", ray_cluster.address, "--tracking-uri", uri]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_AUTH_"))}
-    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
-    error = done.stderr.strip().splitlines()[-1]
+    # no RAY_AUTH_TOKEN_PATH, and a home without ~/.ray/auth_token
+    error = refused_sqlite_sweep(ray_cluster, tmp_path, RAY_AUTH_TOKEN_PATH=str(tmp_path / "none"), HOME=str(tmp_path))
     assert error.startswith(f"Error: cannot reach a Ray cluster at '{ray_cluster.address}'")
     assert error.endswith("also needs its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)")
-    client = MlflowClient(uri)
-    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_sigterm_of_the_sweep_cancels_its_tasks_on_the_cluster_and_the_trials_end_their_runs_killed(
