@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from nanosweep.config import TrainConfig
-from nanosweep.data import PreparedData, prepare
+from nanosweep.data import PreparedData, find_input, prepare
 from nanosweep.tracking import HEARTBEAT_ENV, alive
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -25,9 +25,10 @@ def heartbeat_stopped(run_id: str, client: mlflow.MlflowClient | None = None) ->
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
-    """tiny Shakespeare from NANOSWEEP_INPUT (or the usual cache/download), prepared into a session folder."""
-    data_dir = tmp_path_factory.mktemp("data")
-    os.environ["NANOSWEEP_DATA_DIR"] = str(data_dir)  # inherited by CLI subprocesses too
+    """tiny Shakespeare found the user's way (NANOSWEEP_INPUT, else ~/.cache/nanosweep, downloaded there once),
+    prepared into a session folder; tests and the processes they start read that copy (NANOSWEEP_INPUT)."""
+    os.environ["NANOSWEEP_INPUT"] = str(find_input())  # before the data dir moves: the user's cache, not a new one
+    os.environ["NANOSWEEP_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))  # inherited by CLI subprocesses too
     return prepare()
 
 
