@@ -35,7 +35,15 @@ import torch
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, find_input, prepare
 from nanosweep.grid import default_sweeps_dir, expand, load_members
-from nanosweep.train import RunningTrial, Trial, build_model, estimate_losses, resolve_hardware, train_fused
+from nanosweep.train import (
+    RunningTrial,
+    Trial,
+    build_model,
+    estimate_losses,
+    plan_passes,
+    resolve_hardware,
+    train_fused,
+)
 
 VOCAB = 65
 EVALS_PER_RUN = {1000: 6, 2000: 11}  # at 0, every 200 and at max_iters
@@ -72,10 +80,11 @@ def loop_seconds(configs: list[TrainConfig], batches: Batches, iters: int) -> tu
     step = statistics.median(b - a for a, b in zip(clocks[0].stamps, clocks[0].stamps[1:]))  # after a warm-up step
     running = [RunningTrial(Trial(c, build_model(c, VOCAB), StepClock()), hw) for c in configs]
     autocast = nullcontext() if hw.dtype == torch.float32 else torch.autocast(hw.device.type, dtype=hw.dtype)
+    plan = plan_passes(running, batches, hw, autocast)  # measured on a GPU, before the clock starts
     if hw.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    estimate_losses(running, batches, autocast, configs[0].batch_size if hw.device.type == "cpu" else 4096)
+    estimate_losses(running, batches, autocast, plan)
     return step, time.perf_counter() - t0
 
 

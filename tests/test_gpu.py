@@ -10,7 +10,15 @@ from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 from nanosweep.data import Batches
 from nanosweep.tracking import TrackedRun, ensure_experiment
-from nanosweep.train import Trial, build_model, resolve_hardware, train, train_fused
+from nanosweep.train import (
+    RunningTrial,
+    Trial,
+    build_model,
+    plan_passes,
+    resolve_hardware,
+    train,
+    train_fused,
+)
 from nanosweep.trial import run_group
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -65,10 +73,58 @@ def test_a_cpu_checkpoint_resumes_on_cuda_and_a_cuda_checkpoint_on_cpu(prepared,
     assert back.iter_num == 30 and math.isfinite(back.val_loss)
 
 
-def test_trial_runs_on_cuda_log_system_metrics(store, prepared, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the run lasts a few seconds
-    cfg = tiny_config(device="cuda", max_iters=200, eval_interval=100)
-    run_ = TrackedRun.create(ensure_experiment("nanosweep"), cfg.run_name, {})
-    assert run_group([(cfg, run_.run_id)], {}) == {run_.run_id: "FINISHED"}
-    metrics = MlflowClient().get_run(run_.run_id).data.metrics
-    assert any(key.startswith("system/gpu_") for key in metrics), sorted(metrics)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_cpu_checkpoint_resumes_on_cuda_with_the_fused_adamw_in_bf16_and_fp16(prepared, tmp_path, dtype):
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("no native bf16 on this GPU")
+    cfg = tiny_config(device="cpu")
+    _, rec = run(cfg, prepared)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(rec.checkpoints[10], path)
+    on_gpu, gpu_rec = run(cfg.replace(device="cuda", dtype=dtype), prepared, resume_from=load_checkpoint(path))
+    assert math.isfinite(on_gpu.val_loss) and on_gpu.iter_num == 20
+    groups = gpu_rec.checkpoints[20]["optimizer"]["param_groups"]
+    assert all(group["fused"] for group in groups)  # CUDA's fused kernel, not the CPU run's loop kernel
+
+
+class Discard:
+    """A RunObserver that keeps nothing (Recorder's copies of checkpoints would sit in GPU memory)."""
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_checkpoint(self, checkpoint: dict) -> None:
+        pass
+
+
+def test_a_gpu_plans_its_passes_from_measured_memory_and_a_step_stays_within_the_plan(prepared):
+    configs = [tiny_config(device="cuda", seed=s, n_embd=64, block_size=64, batch_size=8, max_iters=1) for s in (1, 2)]
+    hw = resolve_hardware(configs[0])
+    batches = Batches(prepared, hw.device)
+    running = [RunningTrial(Trial(c, build_model(c, 65), Discard()), hw) for c in configs]
+    plan = plan_passes(running, batches, hw, torch.autocast("cuda", dtype=hw.dtype))
+    total = configs[0].gradient_accumulation_steps * configs[0].batch_size
+    assert plan.bytes_per_sequence > 0 and plan.capacity >= total * len(configs)  # a tiny model fits whole
+    assert plan.train_pass(total, len(configs)) == total  # the recipe's whole batch in one pass
+    models = [r.model for r in running]
+    adam = sum(8 * p.numel() for m in models for p in m.parameters())  # the moments its first step allocates
+    del running
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    train_fused([Trial(c, m, Discard()) for c, m in zip(configs, models)], batches, hw, lambda t, r: None, plan)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak <= 1.25 * (plan.predicted_bytes(total, len(configs)) + adam)
+
+
+def test_a_fused_group_on_cuda_logs_one_processs_system_metrics_of_its_own_gpu_to_each_run(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the runs last a few seconds
+    configs = [tiny_config(device="cuda", max_iters=200, eval_interval=100, seed=s) for s in (1, 2)]
+    runs = [TrackedRun.create(ensure_experiment("nanosweep"), c.run_name, {}) for c in configs]
+    statuses = run_group([(c, r.run_id) for c, r in zip(configs, runs)], {})
+    assert set(statuses.values()) == {"FINISHED"}
+    for run_ in runs:
+        metrics = MlflowClient().get_run(run_.run_id).data.metrics
+        gpu = {key for key in metrics if key.startswith("system/gpu_")}
+        assert "system/gpu_0_utilization_percentage" in gpu, sorted(metrics)
+        assert all(key.startswith("system/gpu_0_") for key in gpu)  # this process's cuda:0 alone

@@ -34,6 +34,30 @@ def make_checkpoint(
     }
 
 
+# how an optimizer runs (its kernel), never what it has learnt: these stay as the loading optimizer was built
+OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a checkpoint's optimizer state into an optimizer built for this device, keeping its kernel settings.
+
+    load_state_dict alone restores the saver's settings: a CPU checkpoint would leave CUDA's fused AdamW (and with
+    fp16 a GradScaler's fused step then fails). The moments move to the parameters' device; `step` goes where this
+    kernel wants it (the fused and capturable kernels on the device, the others on the CPU).
+    """
+    groups = [
+        {**saved, **{key: own[key] for key in OPTIMIZER_IMPLEMENTATION if key in own}}
+        for saved, own in zip(state["param_groups"], optimizer.param_groups)
+    ]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            for param in group["params"]:
+                step = optimizer.state.get(param, {}).get("step")
+                if torch.is_tensor(step) and step.device.type != "cpu":
+                    optimizer.state[param]["step"] = step.cpu()
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
     """torch.save then rename, so a kill mid-write never leaves a truncated ckpt.pt behind."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -179,7 +179,10 @@ class Batches:
         and its checkpointed generator state resumes on CPU or GPU alike.
         """
         ids = self.splits[split]
-        starts = torch.randint(len(ids) - block_size, (n,), generator=generator).to(self.device, non_blocking=True)
+        starts = torch.randint(len(ids) - block_size, (n,), generator=generator)
+        if self.device.type == "cuda":  # from pageable memory the copy would wait for the GPU's queue: pin it first
+            starts = starts.pin_memory()
+        starts = starts.to(self.device, non_blocking=True)
         windows = ids[starts[:, None] + torch.arange(block_size + 1, device=self.device)]
         return windows[:, :-1], windows[:, 1:]
 

@@ -13,8 +13,11 @@ import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nanosweep.memory import PROCESSES_PER_GPU_ENV
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,24 @@ class Executor(ABC):
         """Let go of what the executor holds (a Ray connection); the sweep calls this once, at its end."""
 
 
-def plan_slots(workers: int, gpus: list[int], trials_per_gpu: int, cpu_count: int) -> tuple[list[str | None], int]:
-    """One slot per concurrent trial (with the GPU it owns) and torch threads per trial.
+def visible_gpus(count: int, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """This process's GPUs as a child process must name them: the entries of its own CUDA_VISIBLE_DEVICES (indices,
+    GPU-... UUIDs or MIG-... ids), of which CUDA uses the first `count`; without that variable, 0 .. count-1."""
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [name.strip() for name in listed.split(",") if name.strip()][:count]
 
-    On GPUs, workers=0 means every GPU slot (gpus x trials_per_gpu); on CPU it means one trial at a time.
-    CPU cores are divided among the trials so that they do not oversubscribe the machine.
+
+def plan_slots(workers: int, gpus: list[str], trials_per_gpu: int, cpu_count: int) -> tuple[list[str | None], int]:
+    """One slot per concurrent trial process (with the GPU it runs on) and torch threads per trial.
+
+    GPUs are dealt round-robin, so a second GPU is used before the first takes a second process. workers=0 means
+    every GPU slot (gpus x trials_per_gpu), or one process at a time on CPU; a larger workers is honoured (more
+    processes share each GPU, and each plans its memory for that). CPU cores are divided among the processes.
     """
     if gpus:
-        gpu_slots = [str(g) for g in gpus for _ in range(trials_per_gpu)]
-        slots: list[str | None] = gpu_slots[: workers or len(gpu_slots)]
+        slots: list[str | None] = [gpus[i % len(gpus)] for i in range(workers or len(gpus) * trials_per_gpu)]
     else:
         slots = [None] * (workers or 1)
     return slots, max(1, cpu_count // len(slots))
@@ -114,8 +126,10 @@ class LocalProcessPool(Executor):
         slot = next(i for i in range(len(self.slots)) if i not in self._procs)
         env = {**os.environ, **launch.env, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         env.update({EXECUTOR_ENV: "local", NODE_ENV: socket.gethostname()})
-        if self.slots[slot] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.slots[slot]  # the trial sees its one GPU as cuda:0
+        gpu = self.slots[slot]
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu  # the parent's own name for it: the trial sees it as cuda:0
+            env[PROCESSES_PER_GPU_ENV] = str(self.slots.count(gpu))  # each plans its memory for its share
         launch.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(launch.log_path, "wb") as log:
             proc = subprocess.Popen(
@@ -160,7 +174,7 @@ def make_executor(
     if kind == "local":
         import torch  # CUDA is looked at only where trials run locally
 
-        gpus = list(range(torch.cuda.device_count()))
+        gpus = visible_gpus(torch.cuda.device_count())
         slots, threads = plan_slots(workers, gpus, trials_per_gpu, os.cpu_count() or 1)
         return LocalProcessPool(slots, threads)
     if kind == "ray":

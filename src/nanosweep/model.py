@@ -188,16 +188,18 @@ class GPT(nn.Module):
         return logits, losses.view(K, -1).mean(1)
 
     def configure_optimizer(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], fused: bool
     ) -> torch.optim.AdamW:
-        """AdamW with decay on 2-D tensors (matmuls, embeddings) only, never on norms or biases."""
+        """AdamW with decay on 2-D tensors (matmuls, embeddings) only, never on norms or biases.
+
+        fused: PyTorch's fused kernel, the whole update in one launch (what CUDA runs; it exists on CPU too).
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        # the fused CUDA kernel does the whole update in one launch
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     @torch.no_grad()
     def generate(

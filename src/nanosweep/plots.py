@@ -1,4 +1,4 @@
-"""Matplotlib figures written as PNG files (headless: the Agg backend)."""
+"""The study's figures (nanosweep analyze) as PNG files, headless (the Agg backend); each returns its Figure."""
 
 from __future__ import annotations
 
@@ -17,30 +17,6 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from nanosweep import stats  # noqa: E402
 from nanosweep.analysis import HYPERPARAMETERS  # noqa: E402
-
-Points = list[tuple[int, float]]
-
-
-def loss_curve(run_name: str, iter_loss: Points, train_loss: Points, val_loss: Points, path: Path) -> None:
-    """One run's losses against iterations: per-iteration loss faintly, evaluations boldly."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if iter_loss:
-        ax.plot(*zip(*iter_loss), color="0.7", linewidth=1, label="iteration loss (one batch)")
-    if train_loss:
-        ax.plot(*zip(*train_loss), "o-", color="tab:blue", label="train loss (evaluation)")
-    if val_loss:
-        ax.plot(*zip(*val_loss), "s-", color="tab:orange", label="validation loss (evaluation)")
-    ax.set_title(f"{run_name}: loss")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss (nats per character)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# --- study figures (nanosweep analyze): each returns its Figure, so tests can check the data it shows ---
 
 LOSS_UNITS = "nats per character"
 MEMBER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")

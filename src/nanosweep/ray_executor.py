@@ -34,6 +34,7 @@ from nanosweep.executors import (
     TrialExit,
     TrialLaunch,
 )
+from nanosweep.memory import PROCESSES_PER_GPU_ENV
 from nanosweep.tracking import HEARTBEAT_ENV
 from nanosweep.trial import stop_signals
 
@@ -148,6 +149,8 @@ class RayExecutor(Executor):
         )
         self._text = ray.put(input_path.read_bytes())  # sent once to each node that runs a trial
         self._env = trial_env()
+        if self.cuda:  # Ray puts trials_per_gpu tasks on a GPU: each plans its memory for its share
+            self._env[PROCESSES_PER_GPU_ENV] = str(trials_per_gpu)
         self._running: dict[ray.ObjectRef, tuple[TrialLaunch, float]] = {}
 
     @property

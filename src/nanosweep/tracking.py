@@ -293,7 +293,6 @@ class TrackedRun:
         self._upload_error: BaseException | None = None
         self._scratch = tempfile.TemporaryDirectory(prefix="nanosweep-")
         self._last_step: dict[str, int] | None = None  # read on the first metric logged
-        self._monitor: Any = None  # system metrics, for runs on a GPU
         self.ended = False  # finish() has set the run's final status
 
     def _steps_logged(self) -> dict[str, int]:
@@ -320,12 +319,9 @@ class TrackedRun:
     def info(self) -> Any:
         return self.client.get_run(self.run_id)
 
-    def monitor_system(self) -> None:
-        """Log MLflow's system metrics (GPU utilisation and memory, CPU, ...) every 10 s until the run ends."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
-        self._monitor.start()
+    def next_step(self, prefix: str) -> int:
+        """One past the last step of the run's metrics named prefix...: where a resumed run's series of them goes on."""
+        return max((step for key, step in self._steps_logged().items() if key.startswith(prefix)), default=-1) + 1
 
     def mark_running(self) -> None:
         """A resumed run is RUNNING again (it was KILLED, or left RUNNING by a killed process)."""
@@ -471,8 +467,6 @@ class TrackedRun:
         metrics or a checkpoint missing) and the error is raised.
         """
         try:
-            if self._monitor is not None:
-                self._monitor.finish()
             self.flush_and_wait()
         except BaseException as exc:
             status = "FAILED"

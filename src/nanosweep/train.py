@@ -8,6 +8,7 @@ to each trial's RunObserver, which the tracking module implements (a benchmark c
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -17,9 +18,10 @@ from typing import Any, Protocol
 
 import torch
 
-from nanosweep.checkpoint import make_checkpoint
+from nanosweep.checkpoint import load_optimizer_state, make_checkpoint
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import Batches
+from nanosweep.memory import PassPlan, measure_plan
 from nanosweep.model import GPT, GPTConfig, fused_forward
 
 
@@ -134,7 +136,7 @@ class RunningTrial:
         cfg, model = trial.cfg, trial.model
         self.cfg, self.model, self.observer = cfg, model.to(hw.device), trial.observer
         self.optimizer = model.configure_optimizer(
-            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), hw.device.type
+            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), fused=hw.device.type == "cuda"
         )
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not. One scaler per trial: an
         # overflow in one trial skips that trial's step only
@@ -147,7 +149,7 @@ class RunningTrial:
         if trial.resume_from is not None:
             ckpt = trial.resume_from
             model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(self.optimizer, ckpt["optimizer"])  # this device's AdamW kernel, not the saver's
             if "scaler" in ckpt and self.scaler.is_enabled():
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -186,27 +188,35 @@ def _restore_global_rng(trials: list[Trial], hw: Hardware) -> None:
             torch.cuda.set_rng_state(rng["cuda"], hw.device)
 
 
-def sequences_per_pass(cfg: TrainConfig, n_trials: int, hw: Hardware) -> int:
-    """How many of an iteration's sequences go through one forward/backward: an execution choice, not maths.
-
-    The recipe's batch is gradient_accumulation_steps x batch_size sequences, the loss their mean. On CPU
-    the recipe's micro-batches are as fast as one big pass (bench/README.md); on a GPU tiny passes leave
-    it idle, so as many sequences as memory holds go at once (halved on an out-of-memory error).
-    """
+def plan_passes(active: list[RunningTrial], batches: Batches, hw: Hardware, autocast: Any) -> PassPlan:
+    """CPU: the recipe's micro-batches. GPU: the whole batch in one pass where this process's share of memory holds
+    it, else as many sequences as it does, measured on two probe passes before training starts."""
+    cfg = active[0].cfg
     total = cfg.gradient_accumulation_steps * cfg.batch_size
     if hw.device.type != "cuda":
-        return cfg.batch_size
-    free, _ = torch.cuda.mem_get_info(hw.device)
-    # activations kept for backward, per token and layer, about 34 x n_embd values (Korthikanti et al. 2022,
-    # flash attention keeps no T x T scores), plus fp32 logits and their gradient; doubled for safety
-    bytes_per_sequence = cfg.block_size * (cfg.n_layer * 34 * cfg.n_embd * 2 + 3 * 4 * 65) * 2
-    fit = max(1, int(free * 0.7 // (bytes_per_sequence * n_trials)))
-    return max(d for d in range(1, total + 1) if total % d == 0 and d <= fit)
+        return PassPlan(preferred=cfg.batch_size)
+
+    def probe_pass(n: int) -> None:
+        # throwaway windows from generators of their own; the global RNG (dropout) is put back afterwards
+        with torch.random.fork_rng(devices=[hw.device]):
+            generators = [torch.Generator().manual_seed(k) for k in range(len(active))]
+            x, y = batches.sample_trials("train", n, cfg.block_size, generators)
+            _forward_backward(active, x, y, n, autocast)
+        for run in active:
+            run.model.zero_grad(set_to_none=True)
+
+    # AdamW allocates two fp32 moments per parameter at its first step: room for them is kept now
+    reserve = sum(8 * p.numel() for r in active if not r.optimizer.state for p in r.model.parameters())
+    try:
+        return measure_plan(probe_pass, cfg.batch_size, len(active), total, reserve, hw.device)
+    except torch.OutOfMemoryError:  # not even the probe fits: start from one sequence per trial
+        torch.cuda.empty_cache()
+        return PassPlan(preferred=total, capacity=len(active))
 
 
 @torch.no_grad()
 def estimate_losses(
-    trials: list[RunningTrial], batches: Batches, autocast: Any, per_pass: int
+    trials: list[RunningTrial], batches: Batches, autocast: Any, plan: PassPlan
 ) -> list[dict[str, float]]:
     """Each trial's mean loss over eval_iters random batches per split, in eval mode (no dropout)."""
     cfg = trials[0].cfg  # batch_size, block_size and eval_iters are equal in a fused group
@@ -217,12 +227,23 @@ def estimate_losses(
         model.eval()
     out: list[dict[str, float]] = [{} for _ in trials]
     n = cfg.eval_iters * cfg.batch_size
-    for split in ("train", "val"):
-        x, y = batches.sample_trials(split, n, cfg.block_size, generators)
+
+    def split_total(x: torch.Tensor, y: torch.Tensor, per_pass: int) -> torch.Tensor:
         total = torch.zeros(len(trials), device=batches.device)
         for a in range(0, n, per_pass):
             with autocast:
                 total += fused_forward(models, x[:, a : a + per_pass], y[:, a : a + per_pass])[1] * min(per_pass, n - a)
+        return total
+
+    for split in ("train", "val"):
+        x, y = batches.sample_trials(split, n, cfg.block_size, generators)  # drawn once, whatever the passes
+        total = plan.in_passes(
+            functools.partial(split_total, x, y),
+            lambda: plan.eval_pass(n, len(trials)),
+            len(trials),
+            lambda: None,
+            "an evaluation",
+        )
         for k, mean in enumerate((total / n).tolist()):  # one CPU-GPU sync per split
             out[k][split] = mean
     for model in models:
@@ -235,11 +256,13 @@ def train_fused(
     batches: Batches,
     hw: Hardware,
     ended: Callable[[Trial, TrainOutcome | Diverged | StoppedEarly], None],
+    plan: PassPlan | None = None,
 ) -> None:
     """Train trials of one fusion_key together, each to its own max_iters; `ended` hears of each as it stops.
 
     Everything but the forward/backward pass is per trial: init, batches, dropout rate, schedule, AdamW,
-    clipping, evaluations, checkpoints. A finished or diverged trial leaves the stack; the rest go on.
+    clipping, evaluations, checkpoints. A finished or diverged trial leaves the stack; the rest go on. plan says
+    how many sequences a pass holds (plan_passes decides for this device when it is not given).
     """
     assert len({fusion_key(t.cfg) for t in trials}) == 1, "fused trials must share fusion_key"
     active = [RunningTrial(t, hw) for t in trials]
@@ -248,17 +271,21 @@ def train_fused(
     autocast = nullcontext() if hw.dtype == torch.float32 else torch.autocast(hw.device.type, dtype=hw.dtype)
     cfg = trials[0].cfg
     total = cfg.gradient_accumulation_steps * cfg.batch_size  # the recipe's batch, per trial
-    per_pass = sequences_per_pass(cfg, len(trials), hw)
+    plan = plan or plan_passes(active, batches, hw, autocast)
 
     def end(run: RunningTrial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
         active.remove(run)
         run.model.zero_grad(set_to_none=True)
         ended(origin[id(run)], result)
 
+    def drop_gradients() -> None:
+        for run in active:
+            run.model.zero_grad(set_to_none=True)
+
     while active:
         # evaluate and checkpoint the trials whose iteration calls for it
         due = [r for r in active if r.eval_due]
-        for run, losses in zip(due, estimate_losses(due, batches, autocast, per_pass) if due else []):
+        for run, losses in zip(due, estimate_losses(due, batches, autocast, plan) if due else []):
             run.losses = losses
             run.best_val_loss = min(run.best_val_loss, losses["val"])
             try:
@@ -277,22 +304,19 @@ def train_fused(
         if not active:
             break
 
-        # one optimizer step per trial over its whole batch, in passes of per_pass sequences
+        # one optimizer step per trial over its whole batch, drawn once, in as many passes as memory needs
         lrs = [learning_rate(r.iter_num, r.cfg) for r in active]
         for run, lr in zip(active, lrs):
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
         x, y = batches.sample_trials("train", total, cfg.block_size, [r.generator for r in active])
-        models = [r.model for r in active]
-        try:
-            step_loss = _forward_backward(active, models, x, y, per_pass, autocast)
-        except torch.OutOfMemoryError:
-            if per_pass == 1:
-                raise
-            for model in models:  # drop the partial gradients and try again with half the pass
-                model.zero_grad(set_to_none=True)
-            per_pass = max(d for d in range(1, per_pass) if total % d == 0 and d <= per_pass // 2)
-            continue
+        step_loss = plan.in_passes(
+            functools.partial(_forward_backward, active, x, y, autocast=autocast),
+            lambda: plan.train_pass(total, len(active)),
+            len(active),
+            drop_gradients,
+            "a training step",
+        )
         for run in active:
             if run.cfg.grad_clip:
                 run.scaler.unscale_(run.optimizer)
@@ -321,9 +345,10 @@ def train_fused(
 
 
 def _forward_backward(
-    active: list[RunningTrial], models: list[GPT], x: torch.Tensor, y: torch.Tensor, per_pass: int, autocast: Any
+    active: list[RunningTrial], x: torch.Tensor, y: torch.Tensor, per_pass: int, autocast: Any
 ) -> torch.Tensor:
     """Accumulate every trial's gradient of its mean loss over the batch; return those losses (K,)."""
+    models = [run.model for run in active]
     total = x.size(1)
     step_loss = torch.zeros(len(active), device=x.device)
     for a in range(0, total, per_pass):

@@ -25,6 +25,7 @@ from nanosweep.executors import EXECUTOR_ENV, NODE_ENV
 from nanosweep.model import GPT
 from nanosweep.progress import ProgressObserver
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
+from nanosweep.system_metrics import SystemMonitor
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
     EXECUTOR_TAG,
@@ -136,6 +137,7 @@ class RunRecorder:
 
     cfg: TrainConfig
     run: TrackedRun
+    monitor: SystemMonitor | None = None  # the process's system metrics (runs on a GPU), logged to this run too
     ended: str = ""  # FINISHED, FAILED or KILLED once the run is ended
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -173,12 +175,12 @@ class RunRecorder:
         self.run.log_dataset("tinyshakespeare", prepared.digest, SOURCE_URL, {**split_sizes, "vocab_size": vocab.size})
         self.run.log_text(vocab.to_json(), "vocab.json")
         self.run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
-        if hardware.device.type == "cuda":
-            self.run.monitor_system()
+        if self.monitor is not None:
+            self.monitor.attach(self.run)
 
     def finish_trained(self, outcome: TrainOutcome, model: GPT, vocab: Vocab) -> None:
         """Final metrics, samples and loss curve, then FINISHED (FAILED if any of it cannot be stored)."""
-        from nanosweep import plots  # matplotlib only once a run has trained, never at start-up
+        from nanosweep.loss_curve import save_loss_curve  # matplotlib only once a run has trained, never at start-up
 
         cfg, run = self.cfg, self.run
         run.log_metrics(
@@ -198,7 +200,7 @@ class RunRecorder:
         with tempfile.TemporaryDirectory() as tmp:
             png = Path(tmp) / "loss_curve.png"
             history = [run.metric_history(key) for key in ("iter_loss", "train_loss", "val_loss")]
-            plots.loss_curve(cfg.run_name, *history, png)
+            save_loss_curve(cfg.run_name, *history, png)
             run.log_file(png)
         self.end("FINISHED")
 
@@ -206,6 +208,8 @@ class RunRecorder:
         """End the run once; one whose final flush failed was already ended FAILED by TrackedRun.finish."""
         if not self.ended and not self.run.ended:
             self.ended = status
+            if self.monitor is not None:
+                self.monitor.detach(self.run)
             self.run.finish(status, reason)
         self.ended = self.ended or "FAILED"
 
@@ -224,10 +228,12 @@ def train_runs(
     """
     vocab = prepared.vocab()
     batches = Batches(prepared, hardware.device)
-    recorders = [RunRecorder(cfg, run) for cfg, run in specs]
+    # one system-metrics monitor for the process, on its own GPU, logging to each of its runs
+    monitor = SystemMonitor([hardware.device.index or 0]) if hardware.device.type == "cuda" else None
+    recorders = [RunRecorder(cfg, run, monitor) for cfg, run in specs]
     recorder_of: dict[int, RunRecorder] = {}  # id(Trial) -> its run
     # the heartbeat goes on until every run has ended
-    with stop_signals.installed(), Heartbeat(run.run_id for _, run in specs):
+    with stop_signals.installed(), Heartbeat(run.run_id for _, run in specs), monitor or contextlib.nullcontext():
         try:
             trials = []
             for recorder in recorders:
