@@ -36,7 +36,7 @@ from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, find_input, prepare
 from nanosweep.grid import default_sweeps_dir, expand, load_members
 from nanosweep.train import (
-    RunningTrial,
+    FusedGroup,
     Trial,
     build_model,
     estimate_losses,
@@ -78,13 +78,13 @@ def loop_seconds(configs: list[TrainConfig], batches: Batches, iters: int) -> tu
     trials = [Trial(c, build_model(c, VOCAB), clock) for c, clock in zip(timed, clocks)]
     train_fused(trials, batches, hw, lambda trial, result: None)
     step = statistics.median(b - a for a, b in zip(clocks[0].stamps, clocks[0].stamps[1:]))  # after a warm-up step
-    running = [RunningTrial(Trial(c, build_model(c, VOCAB), StepClock()), hw) for c in configs]
+    group = FusedGroup([Trial(c, build_model(c, VOCAB), StepClock()) for c in configs], hw)
     autocast = nullcontext() if hw.dtype == torch.float32 else torch.autocast(hw.device.type, dtype=hw.dtype)
-    plan = plan_passes(running, batches, hw, autocast)  # measured on a GPU, before the clock starts
+    plan = plan_passes(group, batches, autocast)  # measured on a GPU, before the clock starts
     if hw.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    estimate_losses(running, batches, autocast, plan)
+    estimate_losses(group, batches, autocast, plan)
     return step, time.perf_counter() - t0
 
 

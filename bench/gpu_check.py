@@ -31,15 +31,17 @@ from typing import Any
 
 import torch
 from bench_study import flops_per_iter, nanogpt_seconds, study_groups
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, prepare
 from nanosweep.memory import PassPlan
+from nanosweep.model import GPT
 from nanosweep.tracking import TrackedRun, connect, ensure_experiment
 from nanosweep.train import (
+    FusedGroup,
     Hardware,
-    RunningTrial,
     TrainOutcome,
     Trial,
     build_model,
@@ -369,23 +371,23 @@ def largest_group(check: Check) -> list[TrainConfig]:
 
 
 def measured_peak(configs: list[TrainConfig], batches: Batches, hw: Hardware) -> dict[str, Any]:
-    """One step of a group with its measured plan: the step's memory peak against what the plan predicted."""
-    one_step = [c.replace(max_iters=1, eval_iters=1, eval_interval=1000) for c in configs]
-    running = [RunningTrial(Trial(c, build_model(c, VOCAB), Clock()), hw) for c in one_step]
-    plan = plan_passes(running, batches, hw, autocast_for(hw))
+    """A step of a group with its measured plan: the memory peak of its passes against what the plan predicted."""
+    group = FusedGroup([Trial(c, build_model(c, VOCAB), Clock()) for c in configs], hw)
+    autocast = autocast_for(hw)
+    plan = plan_passes(group, batches, autocast)
     total = configs[0].gradient_accumulation_steps * configs[0].batch_size
     per_pass = plan.train_pass(total, len(configs))
-    adam = sum(8 * p.numel() for r in running for p in r.model.parameters())  # the moments the first step allocates
-    del running
+    x, y = batches.sample_trials("train", total, configs[0].block_size, [r.generator for r in group.runs])
     synchronize(hw.device)
     torch.cuda.reset_peak_memory_stats(hw.device)
-    models = [build_model(c, VOCAB).to(hw.device) for c in one_step]
     before = torch.cuda.memory_allocated(hw.device)
-    trials = [Trial(c, m, Clock()) for c, m in zip(one_step, models)]
-    train_fused(trials, batches, hw, lambda trial, result: None, plan)
+    group.accumulate(x, y, per_pass, autocast)
     synchronize(hw.device)
     peak = torch.cuda.max_memory_allocated(hw.device) - before
-    predicted = plan.predicted_bytes(per_pass, len(configs)) + adam
+    group.step()
+    synchronize(hw.device)
+    step_peak = torch.cuda.max_memory_allocated(hw.device) - before
+    predicted = plan.predicted_bytes(per_pass, len(configs))
     return {
         "group": configs[0].run_name,
         "trials": len(configs),
@@ -393,9 +395,10 @@ def measured_peak(configs: list[TrainConfig], batches: Batches, hw: Hardware) ->
         "recipe_batch": total,
         "capacity_trial_sequences": plan.capacity,
         "mib_per_trial_sequence": plan.bytes_per_sequence / 2**20,
-        "peak_mib": peak / 2**20,
+        "passes_peak_mib": peak / 2**20,
         "predicted_mib": predicted / 2**20,
         "peak_over_predicted": peak / predicted,
+        "optimizer_step_peak_mib": step_peak / 2**20,
         "ok": peak <= 1.25 * predicted,
     }
 
@@ -411,11 +414,15 @@ def oom_child(input_path: Path) -> None:
     torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
     clocks = [Clock() for _ in configs]
     trials = [Trial(c, build_model(c, VOCAB), clock) for c, clock in zip(configs, clocks)]
-    trials[0].model.register_forward_pre_hook(
-        lambda module, args: passes.append(args[0].shape[1]) if module.training else None
-    )
+
+    def note_pass(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, GPT) and module.training:
+            passes.append(args[0].shape[1])
+
+    hook = register_module_forward_pre_hook(note_pass)
     plan = PassPlan(preferred=configs[0].gradient_accumulation_steps * configs[0].batch_size)  # the whole batch
     train_fused(trials, batches, hw, lambda trial, result: None, plan)
+    hook.remove()
     torch.cuda.set_per_process_memory_fraction(1.0)
     torch.cuda.empty_cache()
     free_run = train_group(configs, batches, hw)
@@ -503,14 +510,13 @@ def time_group(
     }
     evaluation_seconds = {}
     for k in sorted({len(configs), len(configs) - half}):
-        running = [RunningTrial(Trial(c, build_model(c, VOCAB), Clock()), hw) for c in configs[-k:]]
-        plan = plan_passes(running, batches, hw, autocast_for(hw))
+        group = FusedGroup([Trial(c, build_model(c, VOCAB), Clock()) for c in configs[-k:]], hw)
+        plan = plan_passes(group, batches, autocast_for(hw))
         synchronize(hw.device)
         t0 = time.perf_counter()
-        estimate_losses(running, batches, autocast_for(hw), plan)
+        estimate_losses(group, batches, autocast_for(hw), plan)
         evaluation_seconds[str(k)] = time.perf_counter() - t0
-    run = running[0]
-    bookkeeping = time_run_bookkeeping(run, hw, batches, experiment_id)
+    bookkeeping = time_run_bookkeeping(group, batches, experiment_id)
     return {
         "step_seconds": step_seconds,
         "evaluation_seconds": evaluation_seconds,
@@ -520,21 +526,22 @@ def time_group(
     }
 
 
-def time_run_bookkeeping(run: RunningTrial, hw: Hardware, batches: Batches, experiment_id: str) -> dict[str, float]:
+def time_run_bookkeeping(group: FusedGroup, batches: Batches, experiment_id: str) -> dict[str, float]:
     """One run's own costs in a real tracking store, as a trial pays them: its start (params, dataset, vocabulary,
     config), one checkpoint (the copy off the device and the save; its upload overlaps training) and its end
     (samples, loss curve, final flush, FINISHED)."""
-    cfg, prepared = run.cfg, prepare()
-    recorder = RunRecorder(cfg, TrackedRun.create(experiment_id, cfg.run_name, {}))
+    run, hw, prepared = group.runs[0], group.hw, prepare()
+    model = run.trial.model
+    recorder = RunRecorder(run.cfg, TrackedRun.create(experiment_id, run.cfg.run_name, {}))
     t0 = time.perf_counter()
-    recorder.start(run.model, hw, prepared, batches, {})
+    recorder.start(model, hw, prepared, batches, {})
     start = time.perf_counter() - t0
     synchronize(hw.device)
     t0 = time.perf_counter()
-    recorder.log_checkpoint(run.checkpoint(hw))
+    recorder.log_checkpoint(group.checkpoint(0))
     checkpoint = time.perf_counter() - t0
     t0 = time.perf_counter()
-    recorder.finish_trained(TrainOutcome(cfg.max_iters, 1.0, 1.0, 1.0), run.model, prepared.vocab())
+    recorder.finish_trained(TrainOutcome(run.cfg.max_iters, 1.0, 1.0, 1.0), model, prepared.vocab())
     return {"run_start_seconds": start, "checkpoint_seconds": checkpoint, "run_end_seconds": time.perf_counter() - t0}
 
 

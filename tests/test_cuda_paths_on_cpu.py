@@ -1,8 +1,9 @@
 """The branches that production runs only on CUDA, run here on CPU tensors (no mock of the GPU).
 
-PyTorch runs fp16 autocast, GradScaler("cpu"), bf16 autocast and the fused AdamW kernel on CPU too, so the loop's
-logic for them (per-trial loss scales, their checkpointed state, optimizer kernels across devices, host syncs) is
-tested here; tests/test_gpu.py runs the same paths on a real GPU where there is one.
+PyTorch runs fp16 and bf16 autocast on CPU too, so the loop's logic for them (per-trial loss scales and their
+checkpointed state, bf16 against fp32, host syncs) is tested here; tests/test_optim.py checks that a checkpoint of
+PyTorch's fused AdamW kernel (CUDA's) resumes; tests/test_gpu.py runs the same paths on a real GPU where there is
+one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 from conftest import Recorder, tiny_config
-from nanosweep.checkpoint import load_optimizer_state
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
 from nanosweep.train import Hardware, Trial, build_model, train_fused
@@ -71,57 +71,6 @@ def test_an_fp16_overflow_skips_only_that_trials_steps_and_its_scale_survives_th
     [alone] = fused(longer[1:], prepared, FP16, resume=copy.deepcopy(checkpoints[1:]))
     assert resumed[1].metrics["val_loss"][20] == pytest.approx(alone.metrics["val_loss"][20], abs=1e-3)
     assert resumed[1].metrics["val_loss"][20] < checkpoints[1]["eval_losses"]["val"]
-
-
-def adamw_after_steps(cfg: TrainConfig, prepared, steps: int, fused_kernel: bool):
-    """A model and its AdamW (fused kernel or PyTorch's for-loop one) after a few fp32 steps on real batches."""
-    model = build_model(cfg, 65)
-    optimizer = model.configure_optimizer(cfg.weight_decay, 1e-3, (cfg.beta1, cfg.beta2), fused=fused_kernel)
-    batches, generator = Batches(prepared, torch.device("cpu")), torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        x, y = batches.sample("train", 4, cfg.block_size, generator)
-        model(x, y)[1].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model, optimizer
-
-
-@pytest.mark.parametrize("saved_fused", [False, True], ids=["loop kernel into fused", "fused kernel into loop"])
-def test_a_resumed_optimizer_keeps_the_kernel_of_the_device_it_now_runs_on(prepared, saved_fused):
-    cfg = tiny_config()
-    saved_model, saved = adamw_after_steps(cfg, prepared, 3, fused_kernel=saved_fused)
-    model = build_model(cfg, 65)
-    model.load_state_dict(saved_model.state_dict())
-    optimizer = model.configure_optimizer(cfg.weight_decay, 1e-3, (cfg.beta1, cfg.beta2), fused=not saved_fused)
-    load_optimizer_state(optimizer, saved.state_dict())
-    assert all(bool(group["fused"]) is not saved_fused for group in optimizer.param_groups)
-    for param in model.parameters():
-        state = optimizer.state[param]
-        assert state["step"].item() == 3 and state["step"].dtype == torch.float32
-        assert torch.equal(
-            state["exp_avg"], saved.state[dict(zip(model.parameters(), saved_model.parameters()))[param]]["exp_avg"]
-        )
-
-
-def test_an_fp16_step_with_a_grad_scaler_runs_on_a_fused_adamw_resumed_from_a_loop_kernel_checkpoint(prepared):
-    """The first GPU resume of a CPU run: GradScaler hands a fused optimizer its scale, which the loop kernel
-    restored by load_state_dict refused (AssertionError: Expected grad_scale and found_inf to be None)."""
-    cfg = tiny_config()
-    saved_model, saved = adamw_after_steps(cfg, prepared, 2, fused_kernel=False)
-    model = build_model(cfg, 65)
-    model.load_state_dict(saved_model.state_dict())
-    optimizer = model.configure_optimizer(cfg.weight_decay, 1e-3, (cfg.beta1, cfg.beta2), fused=True)
-    load_optimizer_state(optimizer, saved.state_dict())
-    scaler = torch.amp.GradScaler("cpu")
-    x, y = Batches(prepared, torch.device("cpu")).sample("train", 4, cfg.block_size, torch.Generator().manual_seed(1))
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = model(x, y)[1]
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters())  # the step was taken
-    assert all(optimizer.state[p]["step"].item() == 3 for p in model.parameters())
 
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")

@@ -10,7 +10,7 @@ from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
-from nanosweep.model import fused_forward
+from nanosweep.model import GPT
 from nanosweep.sampling import SampleSettings, generate_texts
 from nanosweep.tracking import TrackedRun, ensure_experiment
 from nanosweep.train import Trial, build_model, resolve_hardware, train, train_fused
@@ -57,9 +57,12 @@ def test_fused_trials_give_the_same_evaluations_as_each_trial_trained_alone(prep
 def test_a_fused_trials_initial_weights_equal_the_same_trial_built_alone():
     first, second = build_model(GROUP[0], 65), build_model(GROUP[1], 65)
     again = build_model(GROUP[1], 65)
-    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(second.trial_state(0).values(), again.trial_state(0).values()))
+    stack = GPT(first.config, trials=2)
+    for k, model in enumerate((first, second)):
+        stack.load_trial_state(k, model.trial_state(0))
     idx = torch.randint(65, (2, 3, 32))
-    logits, _ = fused_forward([first, second], idx)
+    logits, _ = stack(idx)
     assert torch.allclose(logits[1], second(idx[1])[0], atol=1e-5)
 
 

@@ -14,7 +14,7 @@ from nanosweep import query
 from nanosweep.artifacts import download, load_run_model
 from nanosweep.cli import main
 from nanosweep.importer import StudyFormatError, import_study
-from nanosweep.model import GPT, GPTConfig
+from nanosweep.model import GPTConfig, init_weights
 from nanosweep.sampling import SampleSettings, generate_texts
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
@@ -29,12 +29,12 @@ ROWS = [
 
 def nanogpt_checkpoint(path: Path, iter_num: int, best_val_loss: float) -> None:
     """A checkpoint as nanoGPT writes it (best_val_loss a 0-d tensor) for the study's L4/E128 model."""
-    model = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.1))
+    config = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.1)
     path.parent.mkdir(parents=True)
     torch.save(
         {
-            "model": model.state_dict(),
-            "model_args": model.config.to_model_args(),
+            "model": init_weights(config, seed=1),
+            "model_args": config.to_model_args(),
             "iter_num": iter_num,
             "best_val_loss": torch.tensor(best_val_loss),
             "config": {"dataset": "shakespeare_char", "max_iters": 2000},

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanosweep.model import GPT, GPTConfig
+from nanosweep.model import GPT, GPTConfig, init_weights
 
 VOCAB = 65
 STUDY_ARCHITECTURES = list(itertools.product([64, 128], [4, 6], [4, 8], [128, 256]))  # block, layers, heads, embd
@@ -37,29 +37,44 @@ def test_state_dict_names_are_nanogpts():
     ]
     expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"}
     expected |= {f"transformer.h.{i}.{name}" for i in range(2) for name in per_block}
-    assert set(model.state_dict()) == expected
+    assert set(model.trial_state(0)) == expected
 
 
 def test_head_is_tied_to_token_embedding_and_has_no_bias():
-    model = GPT(GPTConfig(64, VOCAB, 2, 4, 32))
-    assert model.lm_head.weight is model.transformer.wte.weight
-    assert model.lm_head.bias is None
-    assert all(not name.endswith(".bias") for name in model.state_dict())
+    state = GPT(GPTConfig(64, VOCAB, 2, 4, 32)).trial_state(0)
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
+    assert all(not name.endswith(".bias") for name in state)
 
 
-def test_residual_projections_use_the_scaled_init():
-    torch.manual_seed(0)
+def test_residual_projections_use_the_scaled_init_and_each_seed_its_own_weights():
     layers = 6
-    model = GPT(GPTConfig(128, VOCAB, layers, 8, 256))
-    c_proj = torch.cat([b.mlp.c_proj.weight.flatten() for b in model.transformer.h])
-    c_fc = torch.cat([b.mlp.c_fc.weight.flatten() for b in model.transformer.h])
+    config = GPTConfig(128, VOCAB, layers, 8, 256)
+    state = init_weights(config, seed=1)
+    c_proj = torch.cat([state[f"transformer.h.{i}.mlp.c_proj.weight"].flatten() for i in range(layers)])
+    c_fc = torch.cat([state[f"transformer.h.{i}.mlp.c_fc.weight"].flatten() for i in range(layers)])
     assert c_proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * layers), rel=0.02)
     assert c_fc.std().item() == pytest.approx(0.02, rel=0.02)
+    assert torch.equal(state["transformer.wpe.weight"], init_weights(config, seed=1)["transformer.wpe.weight"])
+    assert not torch.equal(state["transformer.wpe.weight"], init_weights(config, seed=2)["transformer.wpe.weight"])
+
+
+def test_a_stack_of_trials_holds_each_trials_weights_as_its_slice_and_keeps_a_chosen_few():
+    config = GPTConfig(16, VOCAB, 2, 2, 32)
+    stack = GPT(config, trials=3)
+    for k in range(3):
+        stack.load_trial_state(k, init_weights(config, seed=k))
+    idx = torch.randint(VOCAB, (3, 2, 16))
+    logits, _ = stack(idx)
+    stack.keep([2, 0])
+    assert stack.trials == 2 and torch.equal(stack.trial_state(0)["transformer.wte.weight"],
+                                             init_weights(config, seed=2)["transformer.wte.weight"])  # fmt: skip
+    assert torch.allclose(stack(idx[[2, 0]])[0], logits[[2, 0]], atol=1e-6)
 
 
 def test_forward_loss_at_init_is_near_uniform_and_generation_crops_context():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(16, VOCAB, 2, 2, 32))
+    config = GPTConfig(16, VOCAB, 2, 2, 32)
+    model = GPT(config)
+    model.load_trial_state(0, init_weights(config, seed=0))
     idx, targets = torch.randint(VOCAB, (3, 16)), torch.randint(VOCAB, (3, 16))
     _, loss = model(idx, targets)
     assert loss.item() == pytest.approx(math.log(VOCAB), abs=0.2)

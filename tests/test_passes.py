@@ -6,10 +6,12 @@ pass, after earlier passes left partial gradients); the plan is the memory budge
 
 import pytest
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from conftest import tiny_config
 from nanosweep.data import Batches
 from nanosweep.memory import DoesNotFit, PassPlan, device_share, plan_from_peaks
+from nanosweep.model import GPT
 from nanosweep.train import Hardware, Trial, build_model, train_fused
 
 CPU = Hardware(torch.device("cpu"), torch.float32)
@@ -55,9 +57,17 @@ class Device:
 def train(configs, prepared, plan=None, device=None) -> list[StepLog]:
     logs = [StepLog() for _ in configs]
     trials = [Trial(cfg, build_model(cfg, 65), log) for cfg, log in zip(configs, logs)]
-    if device:
-        trials[0].model.register_forward_pre_hook(device)  # the stacked forward runs through the first model
-    train_fused(trials, Batches(prepared, torch.device("cpu")), CPU, lambda trial, result: None, plan)
+    device = device or Device()
+
+    def through_device(module: torch.nn.Module, args: tuple) -> None:  # every pass of the group's stacked model
+        if isinstance(module, GPT):
+            device(module, args)
+
+    hook = register_module_forward_pre_hook(through_device)
+    try:
+        train_fused(trials, Batches(prepared, torch.device("cpu")), CPU, lambda trial, result: None, plan)
+    finally:
+        hook.remove()
     return logs
 
 

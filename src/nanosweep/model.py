@@ -1,15 +1,23 @@
-"""nanoGPT's GPT (bias=False): same modules, init and state-dict names, so its tools load our checkpoints."""
+"""nanoGPT's GPT (bias=False) for K trials at once: every weight stacked along a leading trial dimension.
+
+The weights of all K trials are stored in two flat tensors of shape (K, N): the matrices (which AdamW decays) and
+the LayerNorm gains (which it does not). The forward pass views them under nanoGPT's names and shapes, so trial
+k's weights are the slice [k], its state dict is nanoGPT's (nanoGPT's tools load our checkpoints), and the
+optimizer updates all trials in a few operations on the flat tensors (optim.StackedAdamW). One model is a stack of
+one: `model(idx)` with idx (B, T) is nanoGPT's interface.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 from torch.nn import functional as F
+
+HEAD = "lm_head.weight"  # nanoGPT's output head: tied to the token embedding, stored once
+EMBEDDING = "transformer.wte.weight"
 
 
 @dataclass(frozen=True)
@@ -28,23 +36,46 @@ class GPTConfig:
         return asdict(self)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
+def weight_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """One trial's weights in nanoGPT's parameter order, with their shapes; the tied head is the embedding."""
+    C = config.n_embd
+    shapes = {EMBEDDING: (config.vocab_size, C), "transformer.wpe.weight": (config.block_size, C)}
+    for i in range(config.n_layer):
+        block = f"transformer.h.{i}."
+        shapes[block + "ln_1.weight"] = (C,)
+        shapes[block + "attn.c_attn.weight"] = (3 * C, C)  # q, k, v in one matmul
+        shapes[block + "attn.c_proj.weight"] = (C, C)
+        shapes[block + "ln_2.weight"] = (C,)
+        shapes[block + "mlp.c_fc.weight"] = (4 * C, C)
+        shapes[block + "mlp.c_proj.weight"] = (C, 4 * C)
+    shapes["transformer.ln_f.weight"] = (C,)
+    return shapes
 
-    def __init__(self, ndim: int, bias: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x (K, B, T, C), weight (K, C): one gain per trial
-        x = F.layer_norm(x, x.shape[-1:], eps=1e-5) * self.weight[:, None, None, :]
-        return x if self.bias is None else x + self.bias[:, None, None, :]
+def init_weights(config: GPTConfig, seed: int) -> dict[str, torch.Tensor]:
+    """nanoGPT's init for one trial, as its state dict, drawn from its own seed: matrices normal(0, 0.02), the
+    residual projections (c_proj) normal(0, 0.02/sqrt(2 n_layer)) so that the residual stream's variance stays flat
+    in depth, gains 1."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, shape in weight_shapes(config).items():
+        if len(shape) == 1:
+            weights[name] = torch.ones(shape)
+        else:
+            std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            weights[name] = torch.empty(shape).normal_(0.0, std, generator=generator)
+    weights[HEAD] = weights[EMBEDDING]  # tied
+    return weights
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Trial k's x (K, B, T, in) times its own weight (K, out, in): one batched matmul for all trials."""
     return torch.bmm(x.flatten(1, -2), weight.mT).unflatten(1, x.shape[1:-1])
+
+
+def layer_norm(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without bias (nanoGPT's bias=False), eps 1e-5; each trial k scales by its own gain (K, C)."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-5) * gain[:, None, None, :]
 
 
 def dropout_runs(rates: tuple[float, ...], training: bool) -> list[tuple[int, int, float]]:
@@ -65,141 +96,136 @@ def dropout_runs(rates: tuple[float, ...], training: bool) -> list[tuple[int, in
 
 
 def dropout(x: torch.Tensor, rates: tuple[float, ...], training: bool) -> torch.Tensor:
-    """Dropout on x (K, ...) at each trial's own rate."""
-    runs = dropout_runs(rates, training)
-    if len(runs) == 1:
-        return F.dropout(x, runs[0][2], training=training) if runs[0][2] else x
-    return torch.cat([F.dropout(x[a:b], rate, training=True) for a, b, rate in runs])
+    """Dropout on x (K, ...) at each trial's own rate: one kernel when the rates agree, one mask when they do not."""
+    if not training or not any(rates):
+        return x
+    if len(set(rates)) == 1:
+        return F.dropout(x, rates[0], training=True)
+    rate = torch.tensor(rates, device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    keep = torch.rand_like(x) >= rate
+    return x * keep / (1 - rate)  # inverted dropout: the expected activation is unchanged
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+class GPT(nn.Module):
+    """nanoGPT's GPT for `trials` trials of one architecture; see the module docstring for the storage."""
+
+    def __init__(self, config: GPTConfig, trials: int = 1, rates: tuple[float, ...] | None = None):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.n_head = config.n_head
+        self.config = config
+        self.rates = rates or (config.dropout,) * trials  # each trial's dropout rate
+        self.shapes = weight_shapes(config)
+        self.matrix_names = [n for n, s in self.shapes.items() if len(s) > 1]
+        self.gain_names = [n for n, s in self.shapes.items() if len(s) == 1]
+        size = lambda names: sum(math.prod(self.shapes[n]) for n in names)  # noqa: E731
+        self.matrices = nn.Parameter(torch.zeros(trials, size(self.matrix_names)))  # decayed by AdamW
+        self.gains = nn.Parameter(torch.ones(trials, size(self.gain_names)))  # not decayed
 
-    def forward(self, x: torch.Tensor, rates: tuple[float, ...]) -> torch.Tensor:
+    @property
+    def trials(self) -> int:
+        return self.matrices.size(0)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight as a (K, *shape) view of the flat storage, under nanoGPT's names."""
+        return self.split({"matrices": self.matrices, "gains": self.gains})
+
+    def split(self, flats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """(K, *shape) views of flat tensors laid out like the weights (the weights, or AdamW's moments), the
+        matrices first, in nanoGPT's order: torch.optim's parameter order for nanoGPT's two groups. One split per
+        flat tensor, so the backward pass gathers every gradient into one (K, N) tensor in one concatenation."""
+        views = {}
+        for flat, names in ((flats["matrices"], self.matrix_names), (flats["gains"], self.gain_names)):
+            parts = flat.split([math.prod(self.shapes[n]) for n in names], dim=1)
+            views.update((n, part.view(flat.size(0), *self.shapes[n])) for n, part in zip(names, parts))
+        return views
+
+    def trial_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Trial k's weights as nanoGPT's state dict (views into the stack: copy them to keep them)."""
+        state = {name: w[k] for name, w in self.weights().items()}
+        state[HEAD] = state[EMBEDDING]  # tied: one matrix embeds and un-embeds
+        return state
+
+    def saved_state(self, k: int) -> dict[str, torch.Tensor]:
+        """A copy of trial k's state dict on the CPU (two copies off the device, whatever the number of weights)."""
+        flats = {"matrices": self.matrices[k : k + 1], "gains": self.gains[k : k + 1]}
+        copies = {name: flat.detach().to("cpu", copy=True) for name, flat in flats.items()}
+        state = {name: w[0] for name, w in self.split(copies).items()}
+        state[HEAD] = state[EMBEDDING]
+        return state
+
+    @torch.no_grad()
+    def load_trial_state(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        """Put a nanoGPT state dict into trial k's slice (checkpoints of torch.compile'd models have a prefix)."""
+        state = {name.removeprefix("_orig_mod."): w for name, w in state.items()}
+        expected = set(self.shapes) | {HEAD}
+        if set(state) != expected:
+            raise ValueError(f"state dict does not fit: missing {sorted(expected - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - expected)[:3]}")  # fmt: skip
+        for name, w in self.weights().items():
+            if state[name].shape != w.shape[1:]:
+                raise ValueError(f"{name} has shape {tuple(state[name].shape)}, not {tuple(w.shape[1:])}")
+            w[k].copy_(state[name])
+
+    @torch.no_grad()
+    def keep(self, trials: list[int]) -> None:
+        """Keep only these trials in the stack, in this order (the others have finished)."""
+        index = torch.tensor(trials, dtype=torch.long, device=self.matrices.device)
+        self.matrices = nn.Parameter(self.matrices.index_select(0, index))
+        self.gains = nn.Parameter(self.gains.index_select(0, index))
+        self.rates = tuple(self.rates[k] for k in trials)
+
+    def total_params(self) -> int:
+        """nanoGPT's count for one trial: every parameter once (the tied head too), minus the position embedding."""
+        return sum(math.prod(s) for n, s in self.shapes.items() if n != "transformer.wpe.weight")
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (K, B, T): logits (K, B, T, vocab) and each trial's mean loss (K,). idx (B, T): nanoGPT's interface
+        for a stack of one, logits (B, T, vocab) and the mean loss. Without targets, only the last position's
+        logits (what generation needs)."""
+        if idx.dim() == 2:
+            logits, loss = self(idx[None], None if targets is None else targets[None])
+            return logits[0], None if loss is None else loss[0]
+        K, B, T = idx.size()
+        assert K == self.trials, f"{K} trials' inputs for a stack of {self.trials}"
+        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
+        w = self.weights()
+        wte = w[EMBEDDING]  # (K, vocab, C)
+        # trial k's ids index rows k*vocab... of the stacked tables: one embedding lookup for all trials
+        offsets = torch.arange(K, device=idx.device)[:, None, None] * wte.size(1)
+        x = F.embedding(idx + offsets, wte.flatten(0, 1)) + w["transformer.wpe.weight"][:, None, :T]
+        x = dropout(x, self.rates, self.training)
+        for i in range(self.config.n_layer):
+            block = f"transformer.h.{i}."
+            x = x + self.attention(layer_norm(x, w[block + "ln_1.weight"]), w, block)  # pre-norm residual stream
+            hidden = F.gelu(linear(layer_norm(x, w[block + "ln_2.weight"]), w[block + "mlp.c_fc.weight"]))
+            x = x + dropout(linear(hidden, w[block + "mlp.c_proj.weight"]), self.rates, self.training)
+        x = layer_norm(x, w["transformer.ln_f.weight"])
+        if targets is None:
+            return linear(x[:, :, [-1], :], wte), None  # the head, tied to the token embedding
+        logits = linear(x, wte)
+        losses = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none")
+        return logits, losses.view(K, -1).mean(1)
+
+    def attention(self, x: torch.Tensor, w: dict[str, torch.Tensor], block: str) -> torch.Tensor:
+        """Causal self-attention of every trial: heads become a batch dimension, and trials a..b with one dropout
+        rate and their sequences fold into the batch of one fused kernel (flash attention on CUDA)."""
         K, B, T, C = x.size()
-        q, k, v = linear(x, self.c_attn.weight).split(C, dim=-1)
-        # (K, B, T, C) -> (K, B, nh, T, hs): heads become a batch dimension
-        q, k, v = (t.reshape(K, B, T, self.n_head, C // self.n_head).transpose(2, 3) for t in (q, k, v))
+        nh = self.config.n_head
+        q, k, v = linear(x, w[block + "attn.c_attn.weight"]).split(C, dim=-1)
+        # (K, B, T, C) -> (K, B, nh, T, hs)
+        q, k, v = (t.reshape(K, B, T, nh, C // nh).transpose(2, 3) for t in (q, k, v))
 
         def attend(a: int, b: int, rate: float) -> torch.Tensor:
-            # trials a..b and their sequences fold into the batch of one fused kernel (flash on CUDA)
             y = F.scaled_dot_product_attention(
                 q[a:b].flatten(0, 1), k[a:b].flatten(0, 1), v[a:b].flatten(0, 1), dropout_p=rate, is_causal=True
             )
             return y.unflatten(0, (b - a, B))
 
-        runs = dropout_runs(rates, self.training)
+        runs = dropout_runs(self.rates, self.training)
         y = torch.cat([attend(*run) for run in runs]) if len(runs) > 1 else attend(*runs[0])
         y = y.transpose(2, 3).reshape(K, B, T, C)
-        return dropout(linear(y, self.c_proj.weight), rates, self.training)
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-
-    def forward(self, x: torch.Tensor, rates: tuple[float, ...]) -> torch.Tensor:
-        hidden = F.gelu(linear(x, self.c_fc.weight))
-        return dropout(linear(hidden, self.c_proj.weight), rates, self.training)
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, rates: tuple[float, ...]) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rates)  # pre-norm residual stream
-        return x + self.mlp(self.ln_2(x), rates)
-
-
-class GPT(nn.Module):
-    """nanoGPT's GPT. Its forward runs K trials at once (see `fused_forward`); one model is a stack of one.
-
-    The parameters keep nanoGPT's names, shapes and init, so a model is a nanoGPT model for checkpoints,
-    optimizers and samplers. The computation always carries a leading trial dimension K.
-    """
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying: one matrix embeds and un-embeds
-        self.apply(self._init_weights)
-        # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat in depth
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def total_params(self) -> int:
-        """nanoGPT's count: every parameter once (tied head too), minus the position embedding."""
-        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
-
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, rates: tuple[float, ...] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T): nanoGPT's interface, logits and the mean loss of this model.
-
-        idx (K, B, T): K trials at once, every parameter stacked (K, ...) by `fused_forward`, which also
-        passes each trial's dropout rate; returns logits (K, B, T, vocab) and each trial's mean loss (K,).
-        """
-        if idx.dim() == 2:  # one model is a stack of one trial
-            logits, loss = fused_forward([self], idx[None], None if targets is None else targets[None])
-            return logits[0], None if loss is None else loss[0]
-        K, B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} exceeds block_size {self.config.block_size}"
-        rates = rates or (self.config.dropout,) * K
-        wte = self.transformer.wte.weight  # (K, vocab, C)
-        # trial k's ids index rows k*vocab... of the stacked tables: one embedding lookup for all trials
-        offsets = torch.arange(K, device=idx.device)[:, None, None] * wte.size(1)
-        x = F.embedding(idx + offsets, wte.flatten(0, 1)) + self.transformer.wpe.weight[:, None, :T]
-        x = dropout(x, rates, self.training)
-        for block in self.transformer.h:
-            x = block(x, rates)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return linear(x[:, :, [-1], :], wte), None  # generation needs only the last position
-        logits = linear(x, wte)  # the head, tied to the token embedding
-        losses = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none")
-        return logits, losses.view(K, -1).mean(1)
-
-    def configure_optimizer(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], fused: bool
-    ) -> torch.optim.AdamW:
-        """AdamW with decay on 2-D tensors (matmuls, embeddings) only, never on norms or biases.
-
-        fused: PyTorch's fused kernel, the whole update in one launch (what CUDA runs; it exists on CPU too).
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return dropout(linear(y, w[block + "attn.c_proj.weight"]), self.rates, self.training)
 
     @torch.no_grad()
     def generate(
@@ -210,7 +236,7 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Extend idx by max_new_tokens sampled characters, cropping the context to block_size."""
+        """Extend idx (B, T) by max_new_tokens sampled characters, cropping the context to block_size."""
         for _ in range(max_new_tokens):
             context = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
             logits, _ = self(context)
@@ -221,22 +247,3 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx = torch.cat((idx, torch.multinomial(probs, num_samples=1, generator=generator)), dim=1)
         return idx
-
-
-def fused_forward(
-    models: Sequence[GPT], idx: torch.Tensor, targets: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run K models of one architecture as one stacked model: idx (K, B, T) -> logits, per-trial losses (K,).
-
-    Each parameter is stacked along a new leading trial dimension (differentiably: gradients flow back
-    to every model's own tensors, so each keeps its own optimizer), and the matmuls run batched.
-    """
-    first = models[0]
-    names = [name for name, _ in first.named_parameters()]
-    if len(models) == 1:
-        stacked = {name: p[None] for name, p in first.named_parameters()}
-    else:
-        per_model = [dict(m.named_parameters()) for m in models]
-        stacked = {name: torch.stack([params[name] for params in per_model]) for name in names}
-    rates = tuple(m.config.dropout for m in models)
-    return functional_call(first, stacked, (idx, targets, rates), tie_weights=True, strict=True)

@@ -1,9 +1,10 @@
 """The training loop, read top to bottom: evaluate/checkpoint, step, log, stop.
 
-One loop trains K trials of one architecture at once (K = 1 for a single run): each keeps its own
-model, optimizer, batches, schedule and checkpoints, while their forward and backward passes run
-as one stacked model (model.fused_forward). It knows nothing of MLflow: everything it reports goes
-to each trial's RunObserver, which the tracking module implements (a benchmark can use a timer).
+One loop trains K trials of one architecture at once (K = 1 for a single run) as one stacked model (model.GPT)
+stepped by one optimizer (optim.StackedAdamW): each trial keeps its own init, batches, dropout rate, schedule,
+AdamW hyperparameters, clipping, loss scale, evaluations and checkpoints, and its slice of the stack is nanoGPT's
+model. It knows nothing of MLflow: everything it reports goes to each trial's RunObserver, which the tracking
+layer implements (a benchmark can use a timer).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any, Protocol
 
 import torch
 
-from nanosweep.checkpoint import load_optimizer_state, make_checkpoint
+from nanosweep.checkpoint import make_checkpoint
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import Batches
 from nanosweep.memory import PassPlan, measure_plan
-from nanosweep.model import GPT, GPTConfig, fused_forward
+from nanosweep.model import GPT, GPTConfig, init_weights
+from nanosweep.optim import StackedAdamW
 
 
 class RunObserver(Protocol):
@@ -80,8 +82,11 @@ def learning_rate(it: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
-    torch.manual_seed(cfg.seed)  # the weights depend on the seed alone, fused or not
-    return GPT(GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout))
+    """One trial's fresh model: nanoGPT's init from its seed alone, so its weights are the same fused or not."""
+    config = GPTConfig(cfg.block_size, vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
+    model = GPT(config)
+    model.load_trial_state(0, init_weights(config, cfg.seed))
+    return model
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,8 @@ class StoppedEarly(Exception):
 
 @dataclass
 class Trial:
-    """One configuration to train: its fresh model (from build_model), observer and checkpoint to resume from."""
+    """One configuration to train: its model (fresh from build_model; it holds the trained weights once the trial
+    ends), observer and checkpoint to resume from."""
 
     cfg: TrainConfig
     model: GPT
@@ -130,28 +136,18 @@ def fusion_key(cfg: TrainConfig) -> tuple:
 
 
 class RunningTrial:
-    """A trial inside the loop: its optimizer, scaler, batch generator, iteration and last evaluation."""
+    """A trial inside the loop: its batch generator, iteration and last evaluation (its weights and AdamW state
+    are its slice of the group's stack)."""
 
-    def __init__(self, trial: Trial, hw: Hardware):
-        cfg, model = trial.cfg, trial.model
-        self.cfg, self.model, self.observer = cfg, model.to(hw.device), trial.observer
-        self.optimizer = model.configure_optimizer(
-            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), fused=hw.device.type == "cuda"
-        )
-        # fp16 needs loss scaling against underflow; bf16 and fp32 do not. One scaler per trial: an
-        # overflow in one trial skips that trial's step only
-        self.scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.dtype == torch.float16)
+    def __init__(self, trial: Trial):
+        self.trial, self.cfg, self.observer = trial, trial.cfg, trial.observer
         # batches are drawn on the CPU, so the stream (and a checkpoint's state of it) is the same on any device
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(trial.cfg.seed)
         self.iter_num, self.best_val_loss = 0, float("inf")
         self.losses = {"train": math.nan, "val": math.nan}
         self.resumed_at: int | None = None
         if trial.resume_from is not None:
             ckpt = trial.resume_from
-            model.load_state_dict(ckpt["model"])
-            load_optimizer_state(self.optimizer, ckpt["optimizer"])  # this device's AdamW kernel, not the saver's
-            if "scaler" in ckpt and self.scaler.is_enabled():
-                self.scaler.load_state_dict(ckpt["scaler"])
             self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
             self.losses, self.resumed_at = ckpt["eval_losses"], ckpt["iter_num"]
             self.generator.set_state(ckpt["rng"]["batches"])
@@ -163,35 +159,111 @@ class RunningTrial:
         cfg, it = self.cfg, self.iter_num
         return (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != self.resumed_at
 
-    def checkpoint(self, hw: Hardware) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "batches": self.generator.get_state()}
-        if hw.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(hw.device)
-        ckpt = make_checkpoint(
-            self.model, self.optimizer, self.iter_num, self.best_val_loss, self.cfg, rng, self.losses
-        )
-        if self.scaler.is_enabled():
-            ckpt["scaler"] = self.scaler.state_dict()
-        return ckpt
-
     def outcome(self) -> TrainOutcome:
         return TrainOutcome(self.iter_num, self.losses["train"], self.losses["val"], self.best_val_loss)
 
 
-def _restore_global_rng(trials: list[Trial], hw: Hardware) -> None:
-    """Dropout draws from the global RNG: continue it from the first resumed checkpoint (exact for one trial)."""
+class FusedGroup:
+    """The trials training together: one stacked GPT and one StackedAdamW, of which runs[k] is slice k."""
+
+    def __init__(self, trials: list[Trial], hw: Hardware):
+        self.hw = hw
+        configs = [t.cfg for t in trials]
+        rates = tuple(c.dropout for c in configs)
+        self.model = GPT(trials[0].model.config, len(trials), rates).to(hw.device)
+        self.optimizer = StackedAdamW(
+            self.model,
+            betas=[(c.beta1, c.beta2) for c in configs],
+            weight_decay=[c.weight_decay for c in configs],
+            grad_clip=[c.grad_clip for c in configs],
+            loss_scaling=hw.dtype == torch.float16,  # fp16 underflows without loss scaling; bf16 and fp32 do not
+        )
+        for k, trial in enumerate(trials):
+            trial.model.to(hw.device)  # it takes the trial's trained weights at its end (samples are drawn from it)
+            if trial.resume_from is None:
+                self.model.load_trial_state(k, trial.model.trial_state(0))
+            else:  # from any device and kernel: the state moves to this stack's device
+                self.model.load_trial_state(k, trial.resume_from["model"])
+                self.optimizer.load_trial_state(k, trial.resume_from["optimizer"], trial.resume_from.get("scaler"))
+        self.runs = [RunningTrial(t) for t in trials]
+        # every trial's learning rate at every iteration, on the device: a step reads its row without a copy
+        longest = max(c.max_iters for c in configs)
+        table = [[learning_rate(min(i, c.max_iters), c) for i in range(longest + 1)] for c in configs]
+        self.lr_table = torch.tensor(table, device=hw.device)
+        self.iters = torch.tensor([r.iter_num for r in self.runs], device=hw.device)
+
+    def learning_rates(self) -> torch.Tensor:
+        """This step's learning rate of each trial, (K,)."""
+        return self.lr_table.gather(1, self.iters[:, None])[:, 0]
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, per_pass: int, autocast: Any) -> torch.Tensor:
+        """Accumulate every trial's gradient of its mean loss over its batch x (K, n, T) in passes of per_pass
+        sequences; return those losses (K,)."""
+        total = x.size(1)
+        step_loss = torch.zeros(len(self.runs), device=x.device)
+        for a in range(0, total, per_pass):
+            with autocast:
+                _, loss = self.model(x[:, a : a + per_pass], y[:, a : a + per_pass])
+                loss = loss * (min(per_pass, total - a) / total)  # a pass's share of the mean over the batch
+            # the trials' weights are disjoint slices, so the gradient of the sum is each trial's own gradient
+            self.optimizer.scaled(loss).backward()
+            step_loss += loss.detach().float()
+        return step_loss
+
+    def step(self) -> None:
+        self.optimizer.step(self.learning_rates())
+        self.iters += 1
+        for run in self.runs:
+            run.iter_num += 1
+            run.iters_since_log += 1
+
+    def drop_gradients(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def checkpoint(self, k: int) -> dict[str, Any]:
+        """Trial k's ckpt.pt: its own weights and AdamW state (nanoGPT's format), RNG state, scale, on the CPU."""
+        run, hw = self.runs[k], self.hw
+        rng = {"torch": torch.get_rng_state(), "batches": run.generator.get_state()}
+        if hw.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(hw.device)
+        model, optimizer = (
+            self.model.saved_state(k),
+            self.optimizer.trial_state(k, learning_rate(run.iter_num, run.cfg)),
+        )
+        config = run.trial.model.config
+        ckpt = make_checkpoint(model, optimizer, config, run.iter_num, run.best_val_loss, run.cfg, rng, run.losses)
+        if self.optimizer.loss_scaling:
+            ckpt["scaler"] = self.optimizer.scaler_state(k)
+        return ckpt
+
+    def leave(self, runs: list[RunningTrial]) -> None:
+        """These trials leave the stack: each trial's model takes its trained weights, the others go on."""
+        for run in runs:
+            run.trial.model.load_trial_state(0, self.model.trial_state(self.runs.index(run)))
+        keep = [k for k, run in enumerate(self.runs) if run not in runs]
+        self.model.keep(keep)
+        self.optimizer.keep(keep)
+        self.lr_table, self.iters = self.lr_table[keep], self.iters[keep]
+        self.runs = [self.runs[k] for k in keep]
+
+
+def _seed_global_rng(trials: list[Trial], hw: Hardware) -> None:
+    """Dropout draws from the global RNG: seed it with the first trial's seed, or continue it from the first resumed
+    checkpoint (exact for one trial)."""
     resumed = [t.resume_from for t in trials if t.resume_from is not None]
-    if resumed:
-        rng = resumed[0]["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and hw.device.type == "cuda":  # a run moved between CPU and GPU keeps its batches only
-            torch.cuda.set_rng_state(rng["cuda"], hw.device)
+    if not resumed:
+        torch.manual_seed(trials[0].cfg.seed)
+        return
+    rng = resumed[0]["rng"]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and hw.device.type == "cuda":  # a run moved between CPU and GPU keeps its batches only
+        torch.cuda.set_rng_state(rng["cuda"], hw.device)
 
 
-def plan_passes(active: list[RunningTrial], batches: Batches, hw: Hardware, autocast: Any) -> PassPlan:
+def plan_passes(group: FusedGroup, batches: Batches, autocast: Any) -> PassPlan:
     """CPU: the recipe's micro-batches. GPU: the whole batch in one pass where this process's share of memory holds
     it, else as many sequences as it does, measured on two probe passes before training starts."""
-    cfg = active[0].cfg
+    cfg, hw = group.runs[0].cfg, group.hw
     total = cfg.gradient_accumulation_steps * cfg.batch_size
     if hw.device.type != "cuda":
         return PassPlan(preferred=cfg.batch_size)
@@ -199,55 +271,48 @@ def plan_passes(active: list[RunningTrial], batches: Batches, hw: Hardware, auto
     def probe_pass(n: int) -> None:
         # throwaway windows from generators of their own; the global RNG (dropout) is put back afterwards
         with torch.random.fork_rng(devices=[hw.device]):
-            generators = [torch.Generator().manual_seed(k) for k in range(len(active))]
+            generators = [torch.Generator().manual_seed(k) for k in range(len(group.runs))]
             x, y = batches.sample_trials("train", n, cfg.block_size, generators)
-            _forward_backward(active, x, y, n, autocast)
-        for run in active:
-            run.model.zero_grad(set_to_none=True)
+            group.accumulate(x, y, n, autocast)
+        group.drop_gradients()
 
-    # AdamW allocates two fp32 moments per parameter at its first step: room for them is kept now
-    reserve = sum(8 * p.numel() for r in active if not r.optimizer.state for p in r.model.parameters())
-    try:
-        return measure_plan(probe_pass, cfg.batch_size, len(active), total, reserve, hw.device)
+    try:  # AdamW's moments are allocated already: nothing more is to come
+        return measure_plan(probe_pass, cfg.batch_size, len(group.runs), total, 0, hw.device)
     except torch.OutOfMemoryError:  # not even the probe fits: start from one sequence per trial
         torch.cuda.empty_cache()
-        return PassPlan(preferred=total, capacity=len(active))
+        return PassPlan(preferred=total, capacity=len(group.runs))
 
 
 @torch.no_grad()
-def estimate_losses(
-    trials: list[RunningTrial], batches: Batches, autocast: Any, plan: PassPlan
-) -> list[dict[str, float]]:
+def estimate_losses(group: FusedGroup, batches: Batches, autocast: Any, plan: PassPlan) -> list[dict[str, float]]:
     """Each trial's mean loss over eval_iters random batches per split, in eval mode (no dropout)."""
-    cfg = trials[0].cfg  # batch_size, block_size and eval_iters are equal in a fused group
+    runs, model = group.runs, group.model
+    cfg = runs[0].cfg  # batch_size, block_size and eval_iters are equal in a fused group
     # their own generators, seeded by the iteration: evaluation never shifts the training batches
-    generators = [torch.Generator().manual_seed(t.cfg.seed * 1_000_003 + t.iter_num) for t in trials]
-    models = [t.model for t in trials]
-    for model in models:
-        model.eval()
-    out: list[dict[str, float]] = [{} for _ in trials]
+    generators = [torch.Generator().manual_seed(r.cfg.seed * 1_000_003 + r.iter_num) for r in runs]
+    model.eval()
+    out: list[dict[str, float]] = [{} for _ in runs]
     n = cfg.eval_iters * cfg.batch_size
 
     def split_total(x: torch.Tensor, y: torch.Tensor, per_pass: int) -> torch.Tensor:
-        total = torch.zeros(len(trials), device=batches.device)
+        total = torch.zeros(len(runs), device=batches.device)
         for a in range(0, n, per_pass):
             with autocast:
-                total += fused_forward(models, x[:, a : a + per_pass], y[:, a : a + per_pass])[1] * min(per_pass, n - a)
+                total += model(x[:, a : a + per_pass], y[:, a : a + per_pass])[1] * min(per_pass, n - a)
         return total
 
     for split in ("train", "val"):
         x, y = batches.sample_trials(split, n, cfg.block_size, generators)  # drawn once, whatever the passes
         total = plan.in_passes(
             functools.partial(split_total, x, y),
-            lambda: plan.eval_pass(n, len(trials)),
-            len(trials),
+            lambda: plan.eval_pass(n, len(runs)),
+            len(runs),
             lambda: None,
             "an evaluation",
         )
         for k, mean in enumerate((total / n).tolist()):  # one CPU-GPU sync per split
             out[k][split] = mean
-    for model in models:
-        model.train()
+    model.train()
     return out
 
 
@@ -260,105 +325,76 @@ def train_fused(
 ) -> None:
     """Train trials of one fusion_key together, each to its own max_iters; `ended` hears of each as it stops.
 
-    Everything but the forward/backward pass is per trial: init, batches, dropout rate, schedule, AdamW,
-    clipping, evaluations, checkpoints. A finished or diverged trial leaves the stack; the rest go on. plan says
-    how many sequences a pass holds (plan_passes decides for this device when it is not given).
+    A finished, diverged or stopped trial leaves the stack; the rest go on. plan says how many sequences a pass
+    holds (plan_passes decides for this device when it is not given).
     """
     assert len({fusion_key(t.cfg) for t in trials}) == 1, "fused trials must share fusion_key"
-    active = [RunningTrial(t, hw) for t in trials]
-    origin = {id(r): t for r, t in zip(active, trials)}
-    _restore_global_rng(trials, hw)
+    group = FusedGroup(trials, hw)
+    _seed_global_rng(trials, hw)
     autocast = nullcontext() if hw.dtype == torch.float32 else torch.autocast(hw.device.type, dtype=hw.dtype)
     cfg = trials[0].cfg
     total = cfg.gradient_accumulation_steps * cfg.batch_size  # the recipe's batch, per trial
-    plan = plan or plan_passes(active, batches, hw, autocast)
+    plan = plan or plan_passes(group, batches, autocast)
 
-    def end(run: RunningTrial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
-        active.remove(run)
-        run.model.zero_grad(set_to_none=True)
-        ended(origin[id(run)], result)
+    def end(results: list[tuple[RunningTrial, TrainOutcome | Diverged | StoppedEarly]]) -> None:
+        group.leave([run for run, _ in results])
+        for run, result in results:
+            ended(run.trial, result)
 
-    def drop_gradients() -> None:
-        for run in active:
-            run.model.zero_grad(set_to_none=True)
-
-    while active:
-        # evaluate and checkpoint the trials whose iteration calls for it
-        due = [r for r in active if r.eval_due]
-        for run, losses in zip(due, estimate_losses(due, batches, autocast, plan) if due else []):
-            run.losses = losses
-            run.best_val_loss = min(run.best_val_loss, losses["val"])
-            try:
-                run.observer.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, step=run.iter_num)
-            except StoppedEarly as stop:
-                end(run, stop)
-                continue
-            if not math.isfinite(losses["train"] + losses["val"]):
-                end(run, Diverged(f"evaluation loss is {losses['val']} at iteration {run.iter_num}"))
-                continue
-            if run.iter_num > 0:
-                run.observer.log_checkpoint(run.checkpoint(hw))
-            run.t0, run.iters_since_log = time.perf_counter(), 0  # throughput excludes evaluation
-        for run in [r for r in active if r.iter_num >= r.cfg.max_iters]:
-            end(run, run.outcome())
-        if not active:
+    while group.runs:
+        # evaluate and checkpoint the trials whose iteration calls for it (the stack is evaluated whole)
+        stopping: list[tuple[RunningTrial, TrainOutcome | Diverged | StoppedEarly]] = []
+        if any(run.eval_due for run in group.runs):
+            for k, (run, losses) in enumerate(zip(group.runs, estimate_losses(group, batches, autocast, plan))):
+                if not run.eval_due:
+                    continue
+                run.losses = losses
+                run.best_val_loss = min(run.best_val_loss, losses["val"])
+                try:
+                    run.observer.log_metrics({"train_loss": losses["train"], "val_loss": losses["val"]}, run.iter_num)
+                except StoppedEarly as stop:
+                    stopping.append((run, stop))
+                    continue
+                if not math.isfinite(losses["train"] + losses["val"]):
+                    stopping.append((run, Diverged(f"evaluation loss is {losses['val']} at iteration {run.iter_num}")))
+                    continue
+                if run.iter_num > 0:
+                    run.observer.log_checkpoint(group.checkpoint(k))
+                run.t0, run.iters_since_log = time.perf_counter(), 0  # throughput excludes evaluation
+        stopped = {id(run) for run, _ in stopping}
+        stopping += [(r, r.outcome()) for r in group.runs if r.iter_num >= r.cfg.max_iters and id(r) not in stopped]
+        if stopping:
+            end(stopping)
+        if not group.runs:
             break
 
-        # one optimizer step per trial over its whole batch, drawn once, in as many passes as memory needs
-        lrs = [learning_rate(r.iter_num, r.cfg) for r in active]
-        for run, lr in zip(active, lrs):
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-        x, y = batches.sample_trials("train", total, cfg.block_size, [r.generator for r in active])
+        # one AdamW step for the whole stack over each trial's batch, drawn once, in as many passes as memory needs
+        lrs = [learning_rate(r.iter_num, r.cfg) for r in group.runs]  # for the log; the step reads the device's
+        x, y = batches.sample_trials("train", total, cfg.block_size, [r.generator for r in group.runs])
         step_loss = plan.in_passes(
-            functools.partial(_forward_backward, active, x, y, autocast=autocast),
-            lambda: plan.train_pass(total, len(active)),
-            len(active),
-            drop_gradients,
+            functools.partial(group.accumulate, x, y, autocast=autocast),
+            lambda: plan.train_pass(total, len(group.runs)),
+            len(group.runs),
+            group.drop_gradients,
             "a training step",
         )
-        for run in active:
-            if run.cfg.grad_clip:
-                run.scaler.unscale_(run.optimizer)
-                # each trial's own gradient norm, never one across trials
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            run.optimizer.zero_grad(set_to_none=True)
-            run.iters_since_log += 1
+        logging = [k for k, r in enumerate(group.runs) if r.iter_num % r.cfg.log_interval == 0]
+        group.step()
 
         # log: .tolist() is a CPU-GPU sync point, so only when some trial logs
-        logging = [k for k, r in enumerate(active) if r.iter_num % r.cfg.log_interval == 0]
         if logging:
             values = step_loss.tolist()
-            for k, run, lr in [(k, active[k], lrs[k]) for k in logging]:
+            for k in logging:
+                run = group.runs[k]
                 elapsed = time.perf_counter() - run.t0
                 tokens_per_sec = run.iters_since_log * run.cfg.tokens_per_iter / elapsed
-                run.observer.log_metrics(
-                    {"iter_loss": values[k], "lr": lr, "tokens_per_sec": tokens_per_sec}, step=run.iter_num
-                )
+                metrics = {"iter_loss": values[k], "lr": lrs[k], "tokens_per_sec": tokens_per_sec}
+                run.observer.log_metrics(metrics, step=run.iter_num - 1)
                 run.t0, run.iters_since_log = time.perf_counter(), 0
-            for k, run in [(k, r) for k, r in enumerate(list(active)) if not math.isfinite(values[k])]:
-                end(run, Diverged(f"training loss is {values[k]} at iteration {run.iter_num}"))
-        for run in active:
-            run.iter_num += 1
-
-
-def _forward_backward(
-    active: list[RunningTrial], x: torch.Tensor, y: torch.Tensor, per_pass: int, autocast: Any
-) -> torch.Tensor:
-    """Accumulate every trial's gradient of its mean loss over the batch; return those losses (K,)."""
-    models = [run.model for run in active]
-    total = x.size(1)
-    step_loss = torch.zeros(len(active), device=x.device)
-    for a in range(0, total, per_pass):
-        with autocast:
-            _, loss = fused_forward(models, x[:, a : a + per_pass], y[:, a : a + per_pass])
-            loss = loss * (min(per_pass, total - a) / total)  # a pass's share of the mean over the batch
-        # the trials' parameters are disjoint, so the gradient of the sum is each trial's own gradient
-        sum(run.scaler.scale(loss[k]) for k, run in enumerate(active)).backward()
-        step_loss += loss.detach().float()
-    return step_loss
+            diverged = [(group.runs[k], values[k]) for k in range(len(group.runs)) if not math.isfinite(values[k])]
+            if diverged:
+                end([(run, Diverged(f"training loss is {value} at iteration {run.iter_num - 1}")) for run, value in
+                     diverged])  # fmt: skip
 
 
 def train(

@@ -1,0 +1,121 @@
+"""What one fused training step costs in launches: aten operations per step and host time per step, K = 1, 2, 4, 8.
+
+    .venv/bin/python bench/bench_step.py --layers 6 --trials 1,2,4,8
+    PYTHONPATH=OTHER_CHECKOUT/src .venv/bin/python bench/bench_step.py ...   # the same figures for another version
+
+A GPU running these tiny models waits on the host: each aten operation is a kernel launch (about 5-10 us of host
+time), so a step's cost is its number of operations. The counter is a TorchDispatchMode that sees every aten call,
+forward, backward and optimizer. A step is measured as the difference between train_fused runs of 2n and n
+iterations (their evaluations, at 0 and at the end, cancel), through the loop's public interface only, so the script
+measures any version of nanosweep. Host time is that difference in wall-clock time on the CPU at a width where
+arithmetic is negligible (block 16, width 32, batch 2: launch-bound, as the study's models are on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanosweep.config import TrainConfig
+from nanosweep.data import Batches, prepare
+from nanosweep.train import Trial, build_model, resolve_hardware, train_fused
+
+VOCAB = 65
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every aten operation dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Quiet:
+    """A RunObserver that keeps nothing."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_checkpoint(self, checkpoint: dict) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Size:
+    layers: int = 6
+    block: int = 16
+    embd: int = 32
+    heads: int = 2
+    batch: int = 2
+    dtype: str = "float32"
+
+
+def configs(size: Size, trials: int, iters: int) -> list[TrainConfig]:
+    base = TrainConfig(block_size=size.block, n_layer=size.layers, n_head=size.heads, n_embd=size.embd,
+                       batch_size=size.batch, gradient_accumulation_steps=1, max_iters=iters, eval_interval=10**6,
+                       eval_iters=1, log_interval=10**6, warmup_iters=10, dropout=0.0, device="cpu",
+                       dtype=size.dtype)  # fmt: skip
+    return [base.replace(seed=k + 1) for k in range(trials)]
+
+
+def run(cfgs: list[TrainConfig], batches: Batches) -> None:
+    trials = [Trial(c, build_model(c, VOCAB), Quiet()) for c in cfgs]
+    train_fused(trials, batches, resolve_hardware(cfgs[0]), lambda trial, result: None)
+
+
+def ops_per_step(size: Size, trials: int, batches: Batches, n: int = 2) -> int:
+    counts = []
+    for iters in (n, 2 * n):
+        with CountOps() as counter:
+            run(configs(size, trials, iters), batches)
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) // n
+
+
+def host_ms_per_step(size: Size, trials: int, batches: Batches, n: int, repeats: int) -> float:
+    """Median over repeats of the wall-clock difference between 2n and n iterations, per iteration."""
+    samples = []
+    for _ in range(repeats):
+        times = []
+        for iters in (n, 2 * n):
+            t0 = time.perf_counter()
+            run(configs(size, trials, iters), batches)
+            times.append(time.perf_counter() - t0)
+        samples.append((times[1] - times[0]) / n * 1000)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in vars(Size()).items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trials", default="1,2,4,8")
+    parser.add_argument("--iters", type=int, default=20, help="n: host time from 2n - n iterations")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # one core by default: the other's load moves the figures less
+    size = Size(**{name: getattr(args, name) for name in vars(Size())})
+    batches = Batches(prepare(), torch.device("cpu"))
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {size}, {os.uname()[1]}")
+    print("| trials K | aten ops per step | host ms per step (median) |")
+    print("|---|---|---|")
+    for k in (int(t) for t in args.trials.split(",")):
+        ops = ops_per_step(size, k, batches)
+        ms = host_ms_per_step(size, k, batches, args.iters, args.repeats)
+        print(f"| {k} | {ops} | {ms:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
