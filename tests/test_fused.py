@@ -124,3 +124,20 @@ def test_a_fused_trials_run_holds_what_a_single_run_holds_and_its_checkpoint_loa
     model = model_from_checkpoint(ckpt)  # a fresh single GPT
     [text] = generate_texts(model, prepared.vocab(), SampleSettings(prompt="ROMEO:", num_samples=1, max_new_tokens=30))
     assert text.startswith("ROMEO:") and len(text) == 36
+
+
+def test_a_fused_trials_checkpoint_resumes_alone_or_in_a_group_of_another_size(prepared):
+    """A slice of the stack saved is a trial's whole state: it goes on alone, or beside new siblings, as fused."""
+    configs = [tiny_config(dropout=0.0, seed=s) for s in (1, 2, 3)]
+    uninterrupted, _ = fused(configs, prepared)
+    halfway, _ = fused([c.replace(max_iters=10) for c in configs], prepared)
+    checkpoint = halfway[1].checkpoints[10]
+    recorder = Recorder()
+    train(configs[1], build_model(configs[1], 65), Batches(prepared, torch.device("cpu")), recorder, checkpoint)
+    assert recorder.metrics["val_loss"][20] == pytest.approx(uninterrupted[1].metrics["val_loss"][20], abs=1e-4)
+    pair = [Recorder(), Recorder()]
+    trials = [Trial(configs[1], build_model(configs[1], 65), pair[0], halfway[1].checkpoints[10]),
+              Trial(configs[0], build_model(configs[0], 65), pair[1])]  # fmt: skip
+    train_fused(trials, Batches(prepared, torch.device("cpu")), resolve_hardware(configs[0]), lambda t, r: None)
+    assert pair[0].metrics["val_loss"][20] == pytest.approx(uninterrupted[1].metrics["val_loss"][20], abs=1e-4)
+    assert pair[1].metrics["val_loss"][20] == pytest.approx(uninterrupted[0].metrics["val_loss"][20], abs=1e-4)
