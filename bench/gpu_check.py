@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -171,8 +172,11 @@ def smoke_sized(cfg: TrainConfig) -> TrainConfig:
 
 
 def study(check: Check) -> dict[str, list[TrainConfig]]:
-    """The study's 32 fusion groups (architecture x batch size -> 4 trials of a member), full recipe, this device."""
-    groups = study_groups(str(check.device))
+    """The study's 16 fusion groups on a GPU, full recipe: width and batch size -> a member's 8 trials (n_head 4/8 x
+    MI1000/MI2000 x D10/D20), as train.fusion_key groups them and --fuse auto takes them on CUDA."""
+    groups: dict[str, list[TrainConfig]] = {}
+    for name, configs in study_groups(str(check.device)).items():
+        groups.setdefault(re.sub(r"_H\d+_", "_", name), []).extend(configs)
     if check.smoke:
         names = sorted(groups, key=lambda n: flops_per_iter(groups[n][0]))
         groups = {n: [smoke_sized(c) for c in groups[n]] for n in (names[0], names[-1])}
@@ -367,7 +371,7 @@ def stage_probes(check: Check) -> dict[str, Any]:
 def largest_group(check: Check) -> list[TrainConfig]:
     groups = study(check)
     name = max(groups, key=lambda n: flops_per_iter(groups[n][0]))
-    return sorted(groups[name], key=lambda c: (c.dropout, c.max_iters))[:4]
+    return groups[name]
 
 
 def measured_peak(configs: list[TrainConfig], batches: Batches, hw: Hardware) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from nanosweep.data import Batches
 from nanosweep.model import GPT
 from nanosweep.sampling import SampleSettings, generate_texts
 from nanosweep.tracking import TrackedRun, ensure_experiment
-from nanosweep.train import Trial, build_model, resolve_hardware, train, train_fused
+from nanosweep.train import Trial, build_model, fusion_key, resolve_hardware, train, train_fused
 from nanosweep.trial import run_group, run_trial
 
 
@@ -141,3 +141,14 @@ def test_a_fused_trials_checkpoint_resumes_alone_or_in_a_group_of_another_size(p
     train_fused(trials, Batches(prepared, torch.device("cpu")), resolve_hardware(configs[0]), lambda t, r: None)
     assert pair[0].metrics["val_loss"][20] == pytest.approx(uninterrupted[1].metrics["val_loss"][20], abs=1e-4)
     assert pair[1].metrics["val_loss"][20] == pytest.approx(uninterrupted[0].metrics["val_loss"][20], abs=1e-4)
+
+
+def test_trials_with_different_head_counts_fuse_and_each_trains_as_it_does_alone(prepared):
+    group = [tiny_config(dropout=0.0, seed=1, n_head=2), tiny_config(dropout=0.0, seed=2, n_head=4),
+             tiny_config(dropout=0.1, seed=3, n_head=4)]  # fmt: skip
+    assert len({fusion_key(c) for c in group}) == 1  # the weights' shapes do not depend on the heads
+    recorders, _ = fused(group, prepared)
+    for cfg, rec in zip(group[:2], recorders):
+        solo = alone(cfg, prepared)
+        for step, value in solo.metrics["val_loss"].items():
+            assert rec.metrics["val_loss"][step] == pytest.approx(value, abs=1e-4), (cfg.n_head, step)

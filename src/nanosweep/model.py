@@ -78,30 +78,26 @@ def layer_norm(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-5) * gain[:, None, None, :]
 
 
-def dropout_runs(rates: tuple[float, ...], training: bool) -> list[tuple[int, int, float]]:
-    """(first, end, rate) for each run of neighbouring trials that share a dropout rate; one run when all do.
-
-    A kernel's dropout probability is one number, so trials with different rates need separate calls
-    (the sweep orders a fused group by dropout, so this is one or two calls).
-    """
-    if not training:
-        return [(0, len(rates), 0.0)]
-    runs: list[tuple[int, int, float]] = []
-    for k, rate in enumerate(rates):
-        if runs and runs[-1][2] == rate:
-            runs[-1] = (runs[-1][0], k + 1, rate)
+def runs_of(values: tuple) -> list[tuple[int, int, object]]:
+    """(first, end, value) for each run of neighbouring trials that share a value (a dropout rate, a head count):
+    a kernel takes one such value, so each run is one call (the sweep orders a fused group so that runs are few)."""
+    runs: list[tuple[int, int, object]] = []
+    for k, value in enumerate(values):
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], k + 1, value)
         else:
-            runs.append((k, k + 1, rate))
+            runs.append((k, k + 1, value))
     return runs
 
 
-def dropout(x: torch.Tensor, rates: tuple[float, ...], training: bool) -> torch.Tensor:
-    """Dropout on x (K, ...) at each trial's own rate: one kernel when the rates agree, one mask when they do not."""
+def dropout(x: torch.Tensor, rates: tuple[float, ...], rate: torch.Tensor, training: bool) -> torch.Tensor:
+    """Dropout on x (K, ...) at each trial's own rate (rates, and the same as a (K,) tensor on x's device): one
+    kernel when the rates agree, one mask when they do not."""
     if not training or not any(rates):
         return x
     if len(set(rates)) == 1:
         return F.dropout(x, rates[0], training=True)
-    rate = torch.tensor(rates, device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    rate = rate.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     keep = torch.rand_like(x) >= rate
     return x * keep / (1 - rate)  # inverted dropout: the expected activation is unchanged
 
@@ -109,10 +105,18 @@ def dropout(x: torch.Tensor, rates: tuple[float, ...], training: bool) -> torch.
 class GPT(nn.Module):
     """nanoGPT's GPT for `trials` trials of one architecture; see the module docstring for the storage."""
 
-    def __init__(self, config: GPTConfig, trials: int = 1, rates: tuple[float, ...] | None = None):
+    def __init__(
+        self,
+        config: GPTConfig,
+        trials: int = 1,
+        rates: tuple[float, ...] | None = None,
+        heads: tuple[int, ...] | None = None,
+    ):
         super().__init__()
         self.config = config
         self.rates = rates or (config.dropout,) * trials  # each trial's dropout rate
+        self.heads = heads or (config.n_head,) * trials  # and attention heads: the weights' shapes do not depend on it
+        self.register_buffer("rate", torch.tensor(self.rates), persistent=False)  # on the device, for masks
         self.shapes = weight_shapes(config)
         self.matrix_names = [n for n, s in self.shapes.items() if len(s) > 1]
         self.gain_names = [n for n, s in self.shapes.items() if len(s) == 1]
@@ -171,7 +175,8 @@ class GPT(nn.Module):
         index = torch.tensor(trials, dtype=torch.long, device=self.matrices.device)
         self.matrices = nn.Parameter(self.matrices.index_select(0, index))
         self.gains = nn.Parameter(self.gains.index_select(0, index))
-        self.rates = tuple(self.rates[k] for k in trials)
+        self.rates, self.heads = tuple(self.rates[k] for k in trials), tuple(self.heads[k] for k in trials)
+        self.rate = self.rate.index_select(0, index)
 
     def total_params(self) -> int:
         """nanoGPT's count for one trial: every parameter once (the tied head too), minus the position embedding."""
@@ -194,12 +199,12 @@ class GPT(nn.Module):
         # trial k's ids index rows k*vocab... of the stacked tables: one embedding lookup for all trials
         offsets = torch.arange(K, device=idx.device)[:, None, None] * wte.size(1)
         x = F.embedding(idx + offsets, wte.flatten(0, 1)) + w["transformer.wpe.weight"][:, None, :T]
-        x = dropout(x, self.rates, self.training)
+        x = dropout(x, self.rates, self.rate, self.training)
         for i in range(self.config.n_layer):
             block = f"transformer.h.{i}."
             x = x + self.attention(layer_norm(x, w[block + "ln_1.weight"]), w, block)  # pre-norm residual stream
             hidden = F.gelu(linear(layer_norm(x, w[block + "ln_2.weight"]), w[block + "mlp.c_fc.weight"]))
-            x = x + dropout(linear(hidden, w[block + "mlp.c_proj.weight"]), self.rates, self.training)
+            x = x + dropout(linear(hidden, w[block + "mlp.c_proj.weight"]), self.rates, self.rate, self.training)
         x = layer_norm(x, w["transformer.ln_f.weight"])
         if targets is None:
             return linear(x[:, :, [-1], :], wte), None  # the head, tied to the token embedding
@@ -208,24 +213,23 @@ class GPT(nn.Module):
         return logits, losses.view(K, -1).mean(1)
 
     def attention(self, x: torch.Tensor, w: dict[str, torch.Tensor], block: str) -> torch.Tensor:
-        """Causal self-attention of every trial: heads become a batch dimension, and trials a..b with one dropout
-        rate and their sequences fold into the batch of one fused kernel (flash attention on CUDA)."""
+        """Causal self-attention of every trial: heads become a batch dimension, and the trials a..b of one head
+        count and dropout rate, with their sequences, fold into the batch of one fused kernel (flash attention on
+        CUDA)."""
         K, B, T, C = x.size()
-        nh = self.config.n_head
         q, k, v = linear(x, w[block + "attn.c_attn.weight"]).split(C, dim=-1)
-        # (K, B, T, C) -> (K, B, nh, T, hs)
-        q, k, v = (t.reshape(K, B, T, nh, C // nh).transpose(2, 3) for t in (q, k, v))
+        rates = self.rates if self.training else (0.0,) * K
 
-        def attend(a: int, b: int, rate: float) -> torch.Tensor:
-            y = F.scaled_dot_product_attention(
-                q[a:b].flatten(0, 1), k[a:b].flatten(0, 1), v[a:b].flatten(0, 1), dropout_p=rate, is_causal=True
-            )
-            return y.unflatten(0, (b - a, B))
+        def attend(a: int, b: int, heads_and_rate: tuple[int, float]) -> torch.Tensor:
+            nh, rate = heads_and_rate
+            # (b-a, B, T, C) -> (b-a, B, nh, T, hs) -> ((b-a) B, nh, T, hs)
+            qa, ka, va = (t[a:b].reshape(b - a, B, T, nh, C // nh).transpose(2, 3).flatten(0, 1) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(qa, ka, va, dropout_p=rate, is_causal=True)
+            return y.unflatten(0, (b - a, B)).transpose(2, 3).reshape(b - a, B, T, C)
 
-        runs = dropout_runs(self.rates, self.training)
+        runs = runs_of(tuple(zip(self.heads, rates)))
         y = torch.cat([attend(*run) for run in runs]) if len(runs) > 1 else attend(*runs[0])
-        y = y.transpose(2, 3).reshape(K, B, T, C)
-        return dropout(linear(y, w[block + "attn.c_proj.weight"]), self.rates, self.training)
+        return dropout(linear(y, w[block + "attn.c_proj.weight"]), self.rates, self.rate, self.training)
 
     @torch.no_grad()
     def generate(

@@ -123,9 +123,7 @@ def end_stale_sweeps(experiment_ids: list[str], keep: str | None, kind: str = "s
 def study_runs(experiment_ids: list[str]) -> list[Any]:
     """Every sweep trial, and every finished imported run, in the experiments: what a sweep must not redo."""
     trials = search_runs(experiment_ids, f"tags.{RUN_KIND_TAG} = 'trial'")
-    return trials + search_runs(
-        experiment_ids, f"tags.{RUN_KIND_TAG} = 'imported' and attributes.status = 'FINISHED'"
-    )
+    return trials + search_runs(experiment_ids, f"tags.{RUN_KIND_TAG} = 'imported' and attributes.status = 'FINISHED'")
 
 
 def plan(points: list[GridPoint], runs: list[Any]) -> list[PlannedTrial]:
@@ -182,7 +180,8 @@ def fuse_limit(fuse: int, cuda: bool) -> int:
 def fused_groups(plans: list[PlannedTrial], limit: int) -> list[list[PlannedTrial]]:
     """The launching trials in groups of at most limit that share a fusion key, in global id order.
 
-    Within a key, trials are ordered by dropout so that trials of one rate sit together (fewer kernel calls).
+    Within a key, trials are ordered by head count and dropout so that trials of one attention shape and rate sit
+    together (fewer kernel calls).
     """
     by_key: dict[tuple, list[PlannedTrial]] = {}
     for planned in plans:
@@ -190,7 +189,9 @@ def fused_groups(plans: list[PlannedTrial], limit: int) -> list[list[PlannedTria
             by_key.setdefault(fusion_key(planned.point.config), []).append(planned)
     groups = []
     for members in by_key.values():
-        members.sort(key=lambda p: (p.point.config.dropout, p.point.global_id, p.point.config.seed))
+        members.sort(
+            key=lambda p: (p.point.config.n_head, p.point.config.dropout, p.point.global_id, p.point.config.seed)
+        )
         groups += [members[i : i + limit] for i in range(0, len(members), limit)]
     return sorted(groups, key=lambda group: min(p.point.global_id for p in group))
 
@@ -198,7 +199,8 @@ def fused_groups(plans: list[PlannedTrial], limit: int) -> list[list[PlannedTria
 def group_name(group: list[PlannedTrial], parent_run_id: str, index: int) -> str:
     """The fused_group tag: which sweep, which group, which architecture, e.g. 3f2a9c1e-g002-b64_L4_H4_E128_BS8."""
     cfg = group[0].point.config
-    arch = f"b{cfg.block_size}_L{cfg.n_layer}_H{cfg.n_head}_E{cfg.n_embd}_BS{cfg.batch_size}"
+    heads = "+".join(str(h) for h in sorted({p.point.config.n_head for p in group}))
+    arch = f"b{cfg.block_size}_L{cfg.n_layer}_H{heads}_E{cfg.n_embd}_BS{cfg.batch_size}"
     return f"{parent_run_id[:8]}-g{index:03d}-{arch}"
 
 

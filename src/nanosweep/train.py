@@ -121,11 +121,11 @@ class Trial:
 
 
 def fusion_key(cfg: TrainConfig) -> tuple:
-    """Trials with equal keys can train fused: same architecture, same batch shape, same evaluation size."""
+    """Trials with equal keys can train fused: same weight shapes (any number of heads), batch shape and evaluation
+    size."""
     return (
         cfg.block_size,
         cfg.n_layer,
-        cfg.n_head,
         cfg.n_embd,
         cfg.batch_size,
         cfg.gradient_accumulation_steps,
@@ -169,8 +169,8 @@ class FusedGroup:
     def __init__(self, trials: list[Trial], hw: Hardware):
         self.hw = hw
         configs = [t.cfg for t in trials]
-        rates = tuple(c.dropout for c in configs)
-        self.model = GPT(trials[0].model.config, len(trials), rates).to(hw.device)
+        rates, heads = tuple(c.dropout for c in configs), tuple(c.n_head for c in configs)
+        self.model = GPT(trials[0].model.config, len(trials), rates, heads).to(hw.device)
         self.optimizer = StackedAdamW(
             self.model,
             betas=[(c.beta1, c.beta2) for c in configs],
