@@ -170,25 +170,28 @@ class Batches:
         self.splits = {"train": load(prepared.train_bin), "val": load(prepared.val_bin)}
         self.device = device
 
-    def sample(
-        self, split: str, n: int, block_size: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """n random windows of block_size+1 characters: inputs and next-character targets.
+    def draw_starts(
+        self, split: str, block_size: int, generators: list[torch.Generator], n: int, steps: int = 1
+    ) -> torch.Tensor:
+        """Each trial's window starts for `steps` batches of n windows, (K, steps, n), on the device.
 
-        The start positions are drawn by a CPU generator, so a run draws the same batches on any device
-        and its checkpointed generator state resumes on CPU or GPU alike.
+        The starts are drawn by each trial's CPU generator, so a run draws the same batches on any device and its
+        checkpointed generator state resumes on CPU or GPU alike; drawing many steps at once gives the same stream
+        as one draw per step (tests check it), and crosses to the device in one copy.
         """
-        ids = self.splits[split]
-        starts = torch.randint(len(ids) - block_size, (n,), generator=generator)
+        high = len(self.splits[split]) - block_size
+        starts = torch.stack([torch.randint(high, (steps, n), generator=g) for g in generators])
         if self.device.type == "cuda":  # from pageable memory the copy would wait for the GPU's queue: pin it first
             starts = starts.pin_memory()
-        starts = starts.to(self.device, non_blocking=True)
-        windows = ids[starts[:, None] + torch.arange(block_size + 1, device=self.device)]
-        return windows[:, :-1], windows[:, 1:]
+        return starts.to(self.device, non_blocking=True)
+
+    def windows(self, split: str, block_size: int, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows of block_size+1 characters at starts (..., n): inputs and next-character targets."""
+        windows = self.splits[split][starts[..., None] + torch.arange(block_size + 1, device=self.device)]
+        return windows[..., :-1], windows[..., 1:]
 
     def sample_trials(
         self, split: str, n: int, block_size: int, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each fused trial's own n windows, from its own generator, stacked: (K, n, block_size) twice."""
-        x, y = zip(*(self.sample(split, n, block_size, g) for g in generators))
-        return torch.stack(x), torch.stack(y)
+        """Each fused trial's own n windows, from its own generator: (K, n, block_size) twice."""
+        return self.windows(split, block_size, self.draw_starts(split, block_size, generators, n)[:, 0])

@@ -154,6 +154,12 @@ class RunningTrial:
         self.t0, self.iters_since_log = time.perf_counter(), 0
 
     @property
+    def next_evaluation(self) -> int:
+        """The next iteration after this one at which the trial evaluates (and checkpoints)."""
+        cfg = self.cfg
+        return min((self.iter_num // cfg.eval_interval + 1) * cfg.eval_interval, cfg.max_iters)
+
+    @property
     def eval_due(self) -> bool:
         """Evaluate at 0, every eval_interval and at max_iters; a resume point was evaluated before the kill."""
         cfg, it = self.cfg, self.iter_num
@@ -191,6 +197,20 @@ class FusedGroup:
         table = [[learning_rate(min(i, c.max_iters), c) for i in range(longest + 1)] for c in configs]
         self.lr_table = torch.tensor(table, device=hw.device)
         self.iters = torch.tensor([r.iter_num for r in self.runs], device=hw.device)
+        self.starts = torch.empty(len(trials), 0, 0, dtype=torch.long, device=hw.device)  # drawn steps ahead
+        self.drawn = 0  # of which this many steps are used
+
+    def next_batch(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's windows for every trial, (K, batch, block) twice. The starts are drawn in bulk up to the next
+        evaluation of any trial, so that a checkpoint's generator state is the one of a draw per step."""
+        cfg = self.runs[0].cfg
+        if self.drawn == self.starts.size(1):
+            steps = min(run.next_evaluation - run.iter_num for run in self.runs)
+            generators = [run.generator for run in self.runs]
+            total = cfg.gradient_accumulation_steps * cfg.batch_size
+            self.starts, self.drawn = batches.draw_starts("train", cfg.block_size, generators, total, steps), 0
+        self.drawn += 1
+        return batches.windows("train", cfg.block_size, self.starts[:, self.drawn - 1])
 
     def learning_rates(self) -> torch.Tensor:
         """This step's learning rate of each trial, (K,)."""
@@ -243,7 +263,7 @@ class FusedGroup:
         keep = [k for k, run in enumerate(self.runs) if run not in runs]
         self.model.keep(keep)
         self.optimizer.keep(keep)
-        self.lr_table, self.iters = self.lr_table[keep], self.iters[keep]
+        self.lr_table, self.iters, self.starts = self.lr_table[keep], self.iters[keep], self.starts[keep]
         self.runs = [self.runs[k] for k in keep]
 
 
@@ -370,7 +390,7 @@ def train_fused(
 
         # one AdamW step for the whole stack over each trial's batch, drawn once, in as many passes as memory needs
         lrs = [learning_rate(r.iter_num, r.cfg) for r in group.runs]  # for the log; the step reads the device's
-        x, y = batches.sample_trials("train", total, cfg.block_size, [r.generator for r in group.runs])
+        x, y = group.next_batch(batches)
         step_loss = plan.in_passes(
             functools.partial(group.accumulate, x, y, autocast=autocast),
             lambda: plan.train_pass(total, len(group.runs)),
