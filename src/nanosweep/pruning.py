@@ -9,7 +9,10 @@ import warnings
 from typing import Any
 
 import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
+from nanosweep.tracking import TrackingError, first_line
 from nanosweep.train import RunObserver, StoppedEarly
 
 PRUNERS = ("asha", "hyperband", "median", "none")
@@ -31,12 +34,23 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise ValueError(f"pruner={name!r} is unknown: choose one of {', '.join(PRUNERS)}")
 
 
+def redacted(url: str) -> str:
+    """A database URL without its password, fit for a run's params and a message."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna's RDB storage at url; on SQLite, writers wait for each other instead of failing."""
+    """Optuna's RDB storage at url; on SQLite, writers wait for each other instead of failing. One that cannot be
+    opened (or created: its tables are made here) is refused in one line naming it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except SQLAlchemyError as exc:
+        detail = first_line(getattr(exc, "orig", None) or exc)
+        message = f"Optuna storage {redacted(url)} cannot be opened ({detail}): check it, or give another --storage"
+        raise TrackingError(message) from None
 
 
 class PruningObserver:

@@ -21,11 +21,12 @@ import mlflow
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import PreparedData, prepare
 from nanosweep.executors import Executor, TrialLaunch, make_executor
-from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage
+from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage, redacted
 from nanosweep.space import SearchSpace, load_space
 from nanosweep.sweep import (
     Progress,
@@ -42,6 +43,7 @@ from nanosweep.tracking import (
     RUN_KIND_TAG,
     TrackedRun,
     alive,
+    check_sqlite_file,
     ensure_experiment,
     run_experiment_id,
 )
@@ -78,16 +80,32 @@ class SearchOptions:
 
 
 def study_storage(tracking_uri: str, storage: str | None) -> str:
-    """--storage, else NANOSWEEP_OPTUNA_STORAGE, else optuna.db beside a SQLite tracking store's file."""
+    """--storage, else NANOSWEEP_OPTUNA_STORAGE, else optuna.db beside a SQLite tracking store's file; checked."""
     storage = storage or os.environ.get(STORAGE_ENV)
-    if storage:
-        return storage
-    if tracking_uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-    raise SearchError(
-        f"tracking URI {tracking_uri} is not a local SQLite file, so the study has no default database: "
-        f"pass --storage URL or set {STORAGE_ENV} (e.g. postgresql://user:pass@host/optuna)"
-    )
+    if not storage and not tracking_uri.startswith("sqlite:///"):
+        raise SearchError(
+            f"tracking URI {tracking_uri} is not a local SQLite file, so the study has no default database: "
+            f"pass --storage URL or set {STORAGE_ENV} (e.g. postgresql://user:pass@host/optuna)"
+        )
+    storage = storage or f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    check_storage(storage)
+    return storage
+
+
+def check_storage(url: str) -> None:
+    """A database URL SQLAlchemy can open, with its driver installed (and for SQLite a usable file), checked before
+    anything is written: a search refused after it created its experiment would leave it behind."""
+    usage = "give a database URL such as sqlite:///optuna.db or postgresql://user:password@host/optuna"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise SearchError(f"Optuna storage {url.split('@')[-1]!r} is not a database URL: {usage}") from None
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (NoSuchModuleError, ImportError) as exc:
+        raise SearchError(f"Optuna storage {redacted(url)} cannot be opened ({exc}): {usage}") from None
+    if parsed.get_backend_name() == "sqlite":
+        check_sqlite_file(url, "Optuna storage")
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
@@ -311,11 +329,6 @@ def format_trials(study: optuna.Study, space: SearchSpace) -> str:
     return "\n".join(lines)
 
 
-def redacted(url: str) -> str:
-    """A database URL without its password, fit for a run's params."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def check_options(opts: SearchOptions) -> None:
     if opts.trials < 1 or opts.workers < 1:
         raise SearchError(f"trials={opts.trials}, workers={opts.workers} are not allowed: both must be >= 1")
@@ -330,9 +343,10 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     sampler = make_sampler(opts.sampler, space, opts.sampler_seed, opts.trials)
     prepare(opts.input_path)  # once, here, so trials never race to write it
     storage = study_storage(mlflow.get_tracking_uri(), opts.storage)
+    # before the experiment: a storage that fails, or a space changed under its study, leaves the tracking store be
+    study = open_study(space, storage, sampler, opts.pruner)
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
     experiment_id = run_experiment_id(attached) if attached else ensure_experiment(opts.experiment)
-    study = open_study(space, storage, sampler, opts.pruner)
     end_stale_sweeps([experiment_id], keep=attached, kind="search")
     resume, busy = settle(study)
     target = int(min(opts.trials, space.size))
