@@ -20,8 +20,6 @@ from typing import Any, TextIO
 import mlflow
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import PreparedData, prepare
@@ -43,7 +41,6 @@ from nanosweep.tracking import (
     RUN_KIND_TAG,
     TrackedRun,
     alive,
-    check_sqlite_file,
     ensure_experiment,
     run_experiment_id,
 )
@@ -80,32 +77,16 @@ class SearchOptions:
 
 
 def study_storage(tracking_uri: str, storage: str | None) -> str:
-    """--storage, else NANOSWEEP_OPTUNA_STORAGE, else optuna.db beside a SQLite tracking store's file; checked."""
+    """--storage, else NANOSWEEP_OPTUNA_STORAGE, else optuna.db beside a SQLite tracking store's file."""
     storage = storage or os.environ.get(STORAGE_ENV)
-    if not storage and not tracking_uri.startswith("sqlite:///"):
-        raise SearchError(
-            f"tracking URI {tracking_uri} is not a local SQLite file, so the study has no default database: "
-            f"pass --storage URL or set {STORAGE_ENV} (e.g. postgresql://user:pass@host/optuna)"
-        )
-    storage = storage or f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-    check_storage(storage)
-    return storage
-
-
-def check_storage(url: str) -> None:
-    """A database URL SQLAlchemy can open, with its driver installed (and for SQLite a usable file), checked before
-    anything is written: a search refused after it created its experiment would leave it behind."""
-    usage = "give a database URL such as sqlite:///optuna.db or postgresql://user:password@host/optuna"
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise SearchError(f"Optuna storage {url.split('@')[-1]!r} is not a database URL: {usage}") from None
-    try:
-        parsed.get_dialect().import_dbapi()
-    except (NoSuchModuleError, ImportError) as exc:
-        raise SearchError(f"Optuna storage {redacted(url)} cannot be opened ({exc}): {usage}") from None
-    if parsed.get_backend_name() == "sqlite":
-        check_sqlite_file(url, "Optuna storage")
+    if storage:
+        return storage
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    raise SearchError(
+        f"tracking URI {tracking_uri} is not a local SQLite file, so the study has no default database: "
+        f"pass --storage URL or set {STORAGE_ENV} (e.g. postgresql://user:pass@host/optuna)"
+    )
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
