@@ -87,6 +87,9 @@ def write(tmp_path: Path, text: str) -> Path:
         ("grid: {n_head: [4], seed: [1, 2]}\n", "key 'seed' is not allowed"),
         ("repeats: 0\ngrid: {n_head: [4]}\n", "key 'repeats' must be an integer >= 1 (seeds per grid point), got 0"),
         ("repeats: two\ngrid: {n_head: [4]}\n", "key 'repeats' must be an integer >= 1"),
+        ("grid: {n_head: [2, 4, 2]}\n", "key 'grid.n_head' lists 2 twice: give each value once"),
+        ("grid: {n_head: [4]}\ngrid: {n_head: [8]}\n", "not valid YAML (key 'grid' is given twice, line 2)"),
+        ("fixed: {n_layer: 2, n_layer: 4}\ngrid: {n_head: [4]}\n", "not valid YAML (key 'n_layer' is given twice"),
     ],
 )
 def test_malformed_member_files_name_the_file_and_the_key(tmp_path, text, message):
@@ -94,6 +97,23 @@ def test_malformed_member_files_name_the_file_and_the_key(tmp_path, text, messag
     with pytest.raises(GridError) as error:
         load_member(path)
     assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+
+
+def test_a_member_file_that_is_not_utf8_is_refused_naming_the_line_of_the_first_bad_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("grid: {n_head: [4]}\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(GridError) as error:
+        load_member(path)
+    assert str(error.value) == f"{path}: line 2 holds byte 0xe9, which is not UTF-8: save the file as UTF-8"
+
+
+def test_numbers_with_an_exponent_are_numbers_and_integers_stay_integers(tmp_path):
+    path = write(tmp_path, "grid: {n_head: [4]}\noverrides: {learning_rate: 1e-4, min_lr: 6E-5}\n")
+    [point] = expand(load_member(path), "full")
+    assert (point.config.learning_rate, point.config.min_lr) == (1e-4, 6e-5)  # PyYAML alone reads strings
+    path = write(tmp_path, "grid: {n_head: [4]}\noverrides: {warmup_iters: 2.5}\n")
+    with pytest.raises(GridError, match=r"grid point 1 \{'n_head': 4\}: warmup_iters=2.5 is not allowed: it must"):
+        expand(load_member(path), "full")
 
 
 def test_a_grid_point_that_fails_validation_is_named_before_anything_runs(tmp_path):
@@ -140,3 +160,13 @@ def test_repeats_below_one_or_on_a_grid_too_large_for_distinct_seeds_are_refused
     expand(load_member(path), "full")  # one seed per point: any size
     with pytest.raises(GridError, match=r"1000 grid points with repeats=2: .* fewer than 1000 points"):
         expand(load_member(path), "full", repeats=2)
+
+
+def test_more_than_a_hundred_thousand_runs_are_refused_before_anything_is_expanded(tmp_path):
+    [spec] = load_members(SWEEPS, "shallow_small")
+    with pytest.raises(GridError, match=r"32 grid point\(s\) x repeats=3126 is 100,032 runs: .* at most 100,000$"):
+        expand(spec, "quick", repeats=3126)
+    levels = ", ".join(str(i) for i in range(1, 401))
+    path = write(tmp_path, f"grid: {{max_iters: [{levels}], top_k: [{levels}]}}\n")
+    with pytest.raises(GridError, match=r"160000 grid point\(s\) x repeats=1 is 160,000 runs"):
+        expand(load_member(path), "full")

@@ -115,11 +115,16 @@ def test_a_malformed_csv_is_refused_with_its_line_and_nothing_is_imported(store,
         ([HEADER, f"{first},2.2,2.3,0.1,1,/c/x.py", "b64_L9_H4_E128_BS8_MI1000_D10_s1,2,2,0,1,x"], "line 3: 'b64_L9_"),
         ([HEADER, f"{first},2,2,0,1,x", f"{first},2,2,0,1,x"], f"line 3: {first} appears twice"),
         ([HEADER], "no runs below the header"),
+        ([HEADER, f"{first},nan,2.3,0.1,1,x"], "line 2: Train Loss 'nan' is not allowed: it must be a finite number"),
+        ([HEADER, f"{first},2.2,inf,-inf,1,x"], "line 2: Val Loss 'inf' is not allowed: it must be a finite number"),
+        ([HEADER, f"{first},2.2,2.3,0.1,-inf,x"], "line 2: Total Params '-inf' is not allowed"),
+        ([HEADER, f"{first},2.2,2.3,0.1,1,/caf\udce9.py"], "results.csv: line 2 holds byte 0xe9, which is not UTF-8"),
     ]
     for i, (lines, message) in enumerate(cases):
         folder = tmp_path / str(i) / "nanoGPT_results_vijay_shallow_small"
         folder.mkdir(parents=True)
-        (folder / "results.csv").write_text("\n".join(lines) + "\n")
+        # surrogateescape writes the \udce9 above as the byte 0xe9 (latin-1's e-acute), no UTF-8
+        (folder / "results.csv").write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
         with pytest.raises(StudyFormatError) as refused:
             import_study(folder, None, "nanosweep", prepared.vocab(), SWEEPS)
         assert str(refused.value).startswith(f"{folder / 'results.csv'}") and message in str(refused.value)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from nanosweep import stats
-from nanosweep.query import CONFIG_FIELDS, member_order
+from nanosweep.query import CONFIG_FIELDS, SelectionError, member_order
 
 STUDY_HEADER = ["Experiment", "Train Loss", "Val Loss", "Loss Gap", "Total Params", "Config Path"]
 # the hyperparameters the study varies: block_size and n_layer between members, the rest within one
@@ -254,9 +254,15 @@ class Findings:
 
 def findings(runs: pd.DataFrame, history: pd.DataFrame) -> Findings:
     """Rankings, main effects, overfitting and their uncertainty for a selection of runs (one profile, members)."""
+    factors = varied(runs)
+    if not factors:  # effects, ANOVA and their plots compare levels: one configuration has none
+        members = ", ".join(member_order(runs))
+        raise SelectionError(
+            f"the {len(runs)} finished run(s) of {members} share one configuration of {', '.join(HYPERPARAMETERS)}: "
+            "an analysis compares configurations; finish at least two grid points first"
+        )
     effects_val = main_effects(runs, "val_loss")
     effects_gap = main_effects(runs, "loss_gap")
-    factors = varied(runs)
     points = stats.point_stats(runs, list(HYPERPARAMETERS))
     anova_val = stats.anova(runs, "val_loss", factors)
     spread, df = stats.pooled_std(runs, "val_loss")

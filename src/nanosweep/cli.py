@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -21,14 +22,34 @@ from nanosweep.tracking import (
     chosen_experiment,
     connect,
     experiment_name,
+    first_line,
+    store_failure,
     study_scope,
 )
 
 USER_ERRORS = (ConfigError, DataError, TrackingError, ExecutorError)  # importer.StudyFormatError is a ConfigError
 
 
+def failure_line(exc: Exception) -> str | None:
+    """What slipped past the checks (a store, a disk or a file failing underneath) as one line naming what failed;
+    None for anything else, a bug, which keeps its traceback."""
+    if isinstance(exc, UnicodeDecodeError):  # nanosweep's own reads of the user's files name them (textfiles)
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+    if isinstance(exc, OSError):
+        paths = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+        if not paths:
+            return str(exc)
+        return f"{paths}: {exc.strerror}: check the path, its permissions and the space left on its disk"
+    optuna_errors = sys.modules.get("optuna.exceptions")  # only a search loads Optuna
+    if optuna_errors and isinstance(exc, optuna_errors.StorageInternalError):  # its own words say little: the cause
+        cause = exc.__cause__
+        return f"the Optuna storage failed: {first_line(getattr(cause, 'orig', None) or cause or exc)}"
+    return store_failure(exc)
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the package's expected errors into click's one-line 'Error: ...' and exit status 1."""
+    """Turn the package's expected errors into click's one-line 'Error: ...' and exit status 1, and so whatever
+    failure_line recognises: the last line of defence, behind the checks that refuse bad input before any write."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -36,6 +57,11 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except USER_ERRORS as exc:
             raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            line = failure_line(exc)
+            if line is None:
+                raise
+            raise click.ClickException(line) from None
 
     return wrapper
 
@@ -89,6 +115,8 @@ experiment_option = click.option(
 def main() -> None:
     """Hyperparameter studies of small GPTs on tiny Shakespeare, tracked in MLflow."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow logs a database error with its traceback just before it raises it; the raised one is shown, in one line
+    logging.getLogger("mlflow.store.db.utils").addFilter(lambda record: not record.exc_info)
 
 
 @main.command("prepare")
@@ -319,9 +347,21 @@ member_option = click.option(
 profile_option = click.option(
     "--profile", default="auto", show_default=True, help="full or quick; auto: the only profile in the store"
 )
+
+
+def writable_folder(ctx: click.Context, param: click.Parameter, folder: Path) -> Path:
+    """--out is written at the end of a command's work: refuse at once a folder that cannot be written, or made."""
+    nearest = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not os.access(nearest, os.W_OK):  # False on a read-only file system, for root too
+        made = "" if nearest == folder else f", so {folder} cannot be made there"
+        raise click.BadParameter(f"{nearest} is not writable{made}: choose a folder you may write")
+    return folder
+
+
 out_option = click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
+    callback=writable_folder,
     default=Path("results"),
     show_default=True,
     help="folder for the study layout (nanoGPT_results_vijay_<member>/) and analysis-<member>/",
@@ -403,10 +443,11 @@ def download_command(
 @main.command("sample")
 @click.option("--name", "name_or_id", required=True, help="run name (the latest finished run of that name) or run id")
 @click.option("--prompt", default="\n", show_default=True, help="start text; FILE:path reads it from a file")
-@click.option("--num-samples", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-new-tokens", default=500, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1))
+# checked by SampleSettings with the rules of TrainConfig's sampling fields, the same for every way of sampling
+@click.option("--num-samples", default=10, show_default=True, type=int)
+@click.option("--max-new-tokens", default=500, show_default=True, type=int)
+@click.option("--temperature", default=0.8, show_default=True, type=float)
+@click.option("--top-k", default=200, show_default=True, type=int)
 @click.option("--seed", default=1337, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda:N or mps")
 @tracking_uri_option
@@ -419,18 +460,16 @@ def sample_command(
     from nanosweep.artifacts import load_run_model
     from nanosweep.query import find_run
     from nanosweep.sampling import SampleSettings, format_samples, generate_texts
+    from nanosweep.textfiles import read_text
 
     if prompt.startswith("FILE:"):
-        try:
-            prompt = Path(prompt[5:]).read_text(encoding="utf-8")
-        except OSError as exc:
-            message = f"prompt file {prompt[5:]!r} cannot be read ({exc.strerror}): pass FILE:<readable path>"
-            raise click.ClickException(message) from None
+        prompt = read_text(Path(prompt[5:]))
+    sampling = SampleSettings(prompt=prompt, **settings)  # refused before the store is touched
     connect(tracking_uri)
     run_id, name = find_run(study_scope(experiment), name_or_id)
     model, vocab = load_run_model(run_id, device)
     click.echo(f"# {name} (run {run_id})", err=True)
-    click.echo(format_samples(generate_texts(model, vocab, SampleSettings(prompt=prompt, **settings))), nl=False)
+    click.echo(format_samples(generate_texts(model, vocab, sampling)), nl=False)
 
 
 @main.command("import-results")

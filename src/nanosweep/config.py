@@ -9,59 +9,84 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 DATASET = "shakespeare_char"  # nanoGPT's sampler finds the vocabulary in data/<dataset>/
 VALID_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 VALID_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_SAMPLES = 1000  # text samples are generated as one batch: more do not fit in memory
+MIN_TEMPERATURE = 1e-6  # logits / temperature must stay finite in float32; below this sampling is greedy anyway
 
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names it and what is allowed."""
 
 
-def _knob(default: Any, help: str, identity: bool = True) -> Any:
-    """A config field with its help text; identity=False keeps it out of the config hash."""
-    return field(default=default, metadata={"help": help, "identity": identity})
+class Allowed(NamedTuple):
+    """A field's own rule beyond its type: the test, and the words that tell a refused value what is allowed."""
+
+    test: Callable[[Any], bool]
+    words: str
+
+
+POSITIVE = Allowed(lambda v: v > 0, "it must be a positive integer")
+NON_NEGATIVE = Allowed(lambda v: v >= 0, "it must be an integer >= 0")
+ANY_INTEGER = Allowed(lambda v: True, "it must be an integer")
+FRACTION = Allowed(lambda v: 0 <= v < 1, "it must be in [0, 1)")
+POSITIVE_NUMBER = Allowed(lambda v: v > 0, "it must be a finite number > 0")
+NON_NEGATIVE_NUMBER = Allowed(lambda v: v >= 0, "it must be a finite number >= 0")
+DEVICE = Allowed(lambda v: bool(VALID_DEVICE.match(v)), "use auto, cpu, cuda, cuda:N or mps")
+DTYPE = Allowed(lambda v: v in VALID_DTYPES, f"use one of {', '.join(VALID_DTYPES)}")
+SAMPLES = Allowed(lambda v: 0 <= v <= MAX_SAMPLES, f"it must be an integer in [0, {MAX_SAMPLES}]")
+TEMPERATURE = Allowed(lambda v: v >= MIN_TEMPERATURE, f"it must be a finite number >= {MIN_TEMPERATURE:g}")
+
+
+def _knob(default: Any, help: str, allowed: Allowed, identity: bool = True) -> Any:
+    """A config field with its help text and rule; identity=False keeps it out of the config hash."""
+    return field(default=default, metadata={"help": help, "allowed": allowed, "identity": identity})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # --- architecture (nanoGPT's GPT, bias=False) ---
-    block_size: int = _knob(64, "context length in characters")
-    n_layer: int = _knob(4, "transformer blocks")
-    n_head: int = _knob(4, "attention heads per block")
-    n_embd: int = _knob(128, "embedding width; must be divisible by n_head")
-    dropout: float = _knob(0.1, "dropout on embeddings, attention and residuals, in [0, 1)")
+    block_size: int = _knob(64, "context length in characters", POSITIVE)
+    n_layer: int = _knob(4, "transformer blocks", POSITIVE)
+    n_head: int = _knob(4, "attention heads per block", POSITIVE)
+    n_embd: int = _knob(128, "embedding width; must be divisible by n_head", POSITIVE)
+    dropout: float = _knob(0.1, "dropout on embeddings, attention and residuals, in [0, 1)", FRACTION)
     # --- data and batch ---
-    batch_size: int = _knob(8, "sequences per micro-batch")
-    gradient_accumulation_steps: int = _knob(40, "micro-batches averaged per iteration")
+    batch_size: int = _knob(8, "sequences per micro-batch", POSITIVE)
+    gradient_accumulation_steps: int = _knob(40, "micro-batches averaged per iteration", POSITIVE)
     # --- optimisation: AdamW with warmup then cosine decay ---
-    max_iters: int = _knob(1000, "optimizer steps to train")
-    learning_rate: float = _knob(3e-4, "peak learning rate")
-    min_lr: float = _knob(6e-5, "learning rate at the end of the cosine decay")
-    warmup_iters: int = _knob(2000, "linear warmup length; the study never leaves it")
-    lr_decay_iters: int = _knob(0, "end of the cosine decay; 0 means max_iters (the study's template)")
-    beta1: float = _knob(0.9, "AdamW beta1")
-    beta2: float = _knob(0.95, "AdamW beta2")
-    weight_decay: float = _knob(0.1, "AdamW weight decay on 2-D tensors only")
-    grad_clip: float = _knob(1.0, "gradient norm clip; 0 disables")
-    seed: int = _knob(1, "seeds weights, batches and dropout; the study uses the grid position")
+    max_iters: int = _knob(1000, "optimizer steps to train", POSITIVE)
+    learning_rate: float = _knob(3e-4, "peak learning rate", POSITIVE_NUMBER)
+    min_lr: float = _knob(6e-5, "learning rate at the end of the cosine decay", NON_NEGATIVE_NUMBER)
+    warmup_iters: int = _knob(2000, "linear warmup length; the study never leaves it", NON_NEGATIVE)
+    lr_decay_iters: int = _knob(0, "end of the cosine decay; 0 means max_iters (the study's template)", NON_NEGATIVE)
+    beta1: float = _knob(0.9, "AdamW beta1", FRACTION)
+    beta2: float = _knob(0.95, "AdamW beta2", FRACTION)
+    weight_decay: float = _knob(0.1, "AdamW weight decay on 2-D tensors only", NON_NEGATIVE_NUMBER)
+    grad_clip: float = _knob(1.0, "gradient norm clip; 0 disables", NON_NEGATIVE_NUMBER)
+    seed: int = _knob(1, "seeds weights, batches and dropout; the study uses the grid position", ANY_INTEGER)
     # --- evaluation, checkpoints and logging ---
-    eval_interval: int = _knob(200, "iterations between evaluations (and checkpoints)")
-    eval_iters: int = _knob(200, "batches per split in an evaluation")
-    log_interval: int = _knob(10, "iterations between training-loss log points", identity=False)
+    eval_interval: int = _knob(200, "iterations between evaluations (and checkpoints)", POSITIVE)
+    eval_iters: int = _knob(200, "batches per split in an evaluation", POSITIVE)
+    log_interval: int = _knob(10, "iterations between training-loss log points", POSITIVE, identity=False)
     # --- hardware ---
-    device: str = _knob("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps", identity=False)
-    dtype: str = _knob("auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), float32, bfloat16 or float16", identity=False)
+    device: str = _knob("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps", DEVICE, identity=False)
+    dtype: str = _knob(
+        "auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), float32, bfloat16 or float16", DTYPE, identity=False
+    )
     # --- text samples written at the end (nanoGPT's sample.py defaults) ---
-    num_samples: int = _knob(10, "text samples generated at the end of the run", identity=False)
-    max_new_tokens: int = _knob(500, "characters per sample", identity=False)
-    temperature: float = _knob(0.8, "sampling temperature", identity=False)
-    top_k: int = _knob(200, "sample from the top_k most likely characters", identity=False)
-    sample_seed: int = _knob(1337, "seed of the sampler", identity=False)
+    num_samples: int = _knob(10, "text samples generated at the end of the run", SAMPLES, identity=False)
+    max_new_tokens: int = _knob(500, "characters per sample", POSITIVE, identity=False)
+    temperature: float = _knob(0.8, "sampling temperature", TEMPERATURE, identity=False)
+    top_k: int = _knob(200, "sample from the top_k most likely characters", POSITIVE, identity=False)
+    sample_seed: int = _knob(1337, "seed of the sampler", ANY_INTEGER, identity=False)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -131,46 +156,28 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
 
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELD_TYPES = {name: type(f.default) for name, f in TRAIN_FIELDS.items()}  # int, float or str
+
+
+def check_value(name: str, value: Any) -> None:
+    """One field's own rule, naming the value and the rule: its type (an int field takes no 2.5, a float field no
+    nan or inf) and its range. TrainConfig checks every field so; search spaces and sample settings reuse it."""
+    kind = FIELD_TYPES[name]
+    if kind is float:
+        typed = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        typed = isinstance(value, kind) and not isinstance(value, bool)
+    allowed = TRAIN_FIELDS[name].metadata["allowed"]
+    if not (typed and allowed.test(value)):
+        raise ConfigError(f"{name}={value!r} is not allowed: {allowed.words}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Refuse values nanoGPT would crash on or that make no sense, naming value and range."""
-    positive = (
-        "block_size",
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "batch_size",
-        "gradient_accumulation_steps",
-        "max_iters",
-        "eval_interval",
-        "eval_iters",
-        "log_interval",
-        "max_new_tokens",
-        "top_k",
-    )
-    for name in positive:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{name}={value!r} is not allowed: it must be a positive integer")
-    non_negative = ("warmup_iters", "lr_decay_iters", "num_samples")
-    for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not allowed: it must be >= 0")
+    for name in FIELD_TYPES:
+        check_value(name, getattr(cfg, name))
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(
             f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head gets n_embd/n_head channels"
         )
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout={cfg.dropout!r} is not allowed: it must be in [0, 1)")
-    for name in ("learning_rate", "temperature"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not allowed: it must be > 0")
-    for name in ("min_lr", "weight_decay", "grad_clip"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not allowed: it must be >= 0")
-    for name in ("beta1", "beta2"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not allowed: it must be in [0, 1)")
-    if not VALID_DEVICE.match(cfg.device):
-        raise ConfigError(f"device={cfg.device!r} is not allowed: use auto, cpu, cuda, cuda:N or mps")
-    if cfg.dtype not in VALID_DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype!r} is not allowed: use one of {', '.join(VALID_DTYPES)}")

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nanosweep.config import ConfigError, TrainConfig
+from nanosweep.textfiles import read_yaml
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
     GLOBAL_ID_TAG,
@@ -26,6 +25,7 @@ from nanosweep.tracking import (
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 MEMBER_KEYS = {"member", "description", "global_id_offset", "repeats", "fixed", "grid", "overrides"}
 SEED_STRIDE = 1000  # replicate r of grid position p has seed p + SEED_STRIDE * (r - 1): no two points share a seed
+MAX_RUNS = 100_000  # grid points x repeats of one member: more is a typo, not a study (and would not fit in memory)
 
 
 class GridError(ConfigError):
@@ -62,10 +62,7 @@ class Member:
 
 def load_member(path: Path) -> Member:
     """Read and check one member file; every complaint names the file and the key."""
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise GridError(f"{path}: not valid YAML ({exc.problem if hasattr(exc, 'problem') else exc})") from None
+    doc = read_yaml(path, GridError)
     if not isinstance(doc, dict):
         raise GridError(f"{path}: expected a mapping with keys {', '.join(sorted(MEMBER_KEYS))}")
     unknown = sorted(set(doc) - MEMBER_KEYS)
@@ -91,6 +88,9 @@ def load_member(path: Path) -> Member:
     for name, values in sections["grid"].items():
         if not isinstance(values, list) or not values:
             raise GridError(f"{path}: key 'grid.{name}' must be a non-empty list, got {values!r}")
+        repeated = [value for i, value in enumerate(values) if value in values[:i]]
+        if repeated:
+            raise GridError(f"{path}: key 'grid.{name}' lists {repeated[0]!r} twice: give each value once")
     if "seed" in sections["grid"] or "seed" in sections["fixed"] or "seed" in sections["overrides"]:
         raise GridError(f"{path}: key 'seed' is not allowed: a run's seed is its 1-based grid position")
     return Member(
@@ -181,6 +181,11 @@ def expand(member: Member, profile: str, repeats: int = 1) -> list[GridPoint]:
     check_profile(profile)
     if repeats < 1:
         raise GridError(f"repeats={repeats} is not allowed: it must be >= 1 (seeds per grid point)")
+    if member.size * repeats > MAX_RUNS:  # before anything is expanded
+        raise GridError(
+            f"{member.path}: {member.size} grid point(s) x repeats={repeats} is {member.size * repeats:,} runs: "
+            f"a sweep of one member trains at most {MAX_RUNS:,}"
+        )
     if repeats > 1 and member.size >= SEED_STRIDE:
         raise GridError(
             f"{member.path}: {member.size} grid points with repeats={repeats}: replicate seeds step by "

@@ -8,6 +8,8 @@ recipe) plus run_kind `imported`, so the analysis and the UI show them beside tr
 from __future__ import annotations
 
 import csv
+import io
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from nanosweep.config import ConfigError
 from nanosweep.data import Vocab
 from nanosweep.grid import GridPoint, expand, load_members
 from nanosweep.query import as_scope, finished_runs
+from nanosweep.textfiles import read_text
 from nanosweep.tracking import (
     CHECKPOINT,
     StudyScope,
@@ -75,18 +78,22 @@ def member_of(folder: Path, member: str | None) -> str:
 
 
 def _number(path: Path, line: int, column: str, text: str) -> float:
+    """A number of the CSV: a loss or a parameter count is finite (float() also reads nan and inf)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise StudyFormatError(f"{path}, line {line}: {column} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise StudyFormatError(f"{path}, line {line}: {column} {text!r} is not allowed: it must be a finite number")
+    return value
 
 
 def read_results(path: Path, points: dict[str, GridPoint], member: str) -> list[StudyRow]:
     """Parse and check results.csv against the member's grid; the first problem is refused with its line."""
     if not path.is_file():
         raise StudyFormatError(f"{path} is missing: a study folder holds results.csv with the runs' losses")
-    with path.open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's byte-order mark is not a header
-        lines = list(csv.reader(handle))
+    # read_text drops a spreadsheet's byte-order mark, which is no part of the header
+    lines = list(csv.reader(io.StringIO(read_text(path, StudyFormatError), newline="")))
     if not lines or lines[0] != STUDY_HEADER:
         got = ",".join(lines[0]) if lines else "nothing"
         raise StudyFormatError(f"{path}, line 1: header is {got!r}, expected {','.join(STUDY_HEADER)!r}")

@@ -9,7 +9,10 @@ import warnings
 from typing import Any
 
 import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
+from nanosweep.tracking import TrackingError, check_sqlite_file, first_line
 from nanosweep.train import RunObserver, StoppedEarly
 
 PRUNERS = ("asha", "hyperband", "median", "none")
@@ -31,12 +34,40 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise ValueError(f"pruner={name!r} is unknown: choose one of {', '.join(PRUNERS)}")
 
 
+def redacted(url: str) -> str:
+    """A database URL without its password, fit for a run's params and a message."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def check_storage(url: str) -> None:
+    """A database URL SQLAlchemy can open, its driver installed (and for SQLite a usable file), checked before
+    anything is written: a search refused after it created its experiment would leave that behind."""
+    usage = "give a database URL such as sqlite:///optuna.db or postgresql://user:password@host/optuna"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise TrackingError(f"Optuna storage {url.split('@')[-1]!r} is not a database URL: {usage}") from None
+    try:
+        parsed.get_dialect().import_dbapi()
+    except (NoSuchModuleError, ImportError) as exc:
+        raise TrackingError(f"Optuna storage {redacted(url)} cannot be opened ({exc}): {usage}") from None
+    if parsed.get_backend_name() == "sqlite":
+        check_sqlite_file(url, "Optuna storage")
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna's RDB storage at url; on SQLite, writers wait for each other instead of failing."""
+    """Optuna's RDB storage at url, checked first; on SQLite, writers wait for each other instead of failing. One
+    that cannot be opened (or created: its tables are made here) is refused in one line naming it."""
+    check_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except SQLAlchemyError as exc:
+        detail = first_line(getattr(exc, "orig", None) or exc)
+        message = f"Optuna storage {redacted(url)} cannot be opened ({detail}): check it, or give another --storage"
+        raise TrackingError(message) from None
 
 
 class PruningObserver:

@@ -16,11 +16,14 @@ import numpy
 import pandas as pd
 import torch
 from mlflow.entities import LoggedModelOutput
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.utils.validation import _validate_model_name
 
 import nanosweep
 from nanosweep.artifacts import VOCAB, model_files
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from nanosweep.config import ConfigError
 from nanosweep.data import Vocab
 from nanosweep.query import ALL_MEMBERS, find_run, select
 from nanosweep.sampling import SampleSettings, generate_texts
@@ -86,6 +89,10 @@ def register_named(where: StudyScope | str, name_or_id: str, model_name: str | N
 
 def register_run(run_id: str, name: str) -> Registered:
     """Log a run's checkpoint as a pyfunc model linked to that run and register it as a new version of name."""
+    try:  # MLflow's rule for the name, before a model is logged: registering would refuse it only after
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise ConfigError(f"{exc.message} Choose another with --model-name.") from None
     run = mlflow.MlflowClient().get_run(run_id)
     with tempfile.TemporaryDirectory(prefix="nanosweep-register-") as tmp:
         local = model_files(run_id, tmp)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanosweep.config import ConfigError, check_value
 from nanosweep.data import Vocab
 from nanosweep.model import GPT
 
@@ -20,6 +21,14 @@ class SampleSettings:
     temperature: float = 0.8
     top_k: int = 200
     seed: int = 1337
+
+    def __post_init__(self) -> None:
+        """TrainConfig's rules for its sampling fields: a run's samples, `nanosweep sample` and a served model agree."""
+        if not self.prompt:
+            raise ConfigError("prompt='' is not allowed: give at least one character (nanoGPT's default is a newline)")
+        for name in ("num_samples", "max_new_tokens", "temperature", "top_k"):
+            check_value(name, getattr(self, name))
+        check_value("sample_seed", self.seed)
 
 
 def generate_texts(model: GPT, vocab: Vocab, settings: SampleSettings) -> list[str]:

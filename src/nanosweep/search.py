@@ -20,12 +20,11 @@ from typing import Any, TextIO
 import mlflow
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
 
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import PreparedData, prepare
 from nanosweep.executors import Executor, TrialLaunch, make_executor
-from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage
+from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage, redacted
 from nanosweep.space import SearchSpace, load_space
 from nanosweep.sweep import (
     Progress,
@@ -311,11 +310,6 @@ def format_trials(study: optuna.Study, space: SearchSpace) -> str:
     return "\n".join(lines)
 
 
-def redacted(url: str) -> str:
-    """A database URL without its password, fit for a run's params."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def check_options(opts: SearchOptions) -> None:
     if opts.trials < 1 or opts.workers < 1:
         raise SearchError(f"trials={opts.trials}, workers={opts.workers} are not allowed: both must be >= 1")
@@ -330,9 +324,10 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     sampler = make_sampler(opts.sampler, space, opts.sampler_seed, opts.trials)
     prepare(opts.input_path)  # once, here, so trials never race to write it
     storage = study_storage(mlflow.get_tracking_uri(), opts.storage)
+    # before the experiment: a storage that fails, or a space changed under its study, leaves the tracking store be
+    study = open_study(space, storage, sampler, opts.pruner)
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
     experiment_id = run_experiment_id(attached) if attached else ensure_experiment(opts.experiment)
-    study = open_study(space, storage, sampler, opts.pruner)
     end_stale_sweeps([experiment_id], keep=attached, kind="search")
     resume, busy = settle(study)
     target = int(min(opts.trials, space.size))

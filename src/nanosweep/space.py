@@ -5,7 +5,6 @@ A space file names the study: rerunning a search with the same file continues th
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -13,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -21,10 +19,10 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from nanosweep.config import ConfigError, TrainConfig
+from nanosweep.config import FIELD_TYPES, ConfigError, TrainConfig, check_value
 from nanosweep.grid import PROFILES
+from nanosweep.textfiles import read_yaml
 
-FIELD_TYPES = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
 SPACE_KEYS = ("description", "profile", "objective", "fixed", "params")
 OBJECTIVES = ("val_loss",)  # the final validation loss, minimised
 RANGE_KEYS = ("low", "high", "log", "step")
@@ -78,16 +76,19 @@ class SearchSpace:
 
 
 def _number(path: Path, key: str, value: Any, kind: type) -> int | float:
-    """A bound or step of the field's type; YAML reads 1e-4 as a string, so numeric strings count for floats."""
-    if kind is float and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    """A bound or step of the field's type."""
     allowed = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, allowed):
         raise SpaceError(f"{path}: key {key!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     return kind(value)
+
+
+def _allowed(path: Path, key: str, name: str, value: Any) -> None:
+    """A value the field can take (TrainConfig's rule for it), refused up front rather than trial after trial."""
+    try:
+        check_value(name, value)
+    except ConfigError as exc:
+        raise SpaceError(f"{path}: key {key!r}: {exc}") from None
 
 
 def _distribution(path: Path, name: str, spec: Any) -> BaseDistribution:
@@ -101,10 +102,15 @@ def _distribution(path: Path, name: str, spec: Any) -> BaseDistribution:
         if set(spec) != {"choices"} or not isinstance(choices, list) or not choices:
             raise SpaceError(f"{path}: key {key!r} must be {{choices: [a non-empty list]}} alone, got {spec!r}")
         if kind in (int, float):
-            return CategoricalDistribution([_number(path, f"{key}.choices", c, kind) for c in choices])
+            choices = [_number(path, f"{key}.choices", c, kind) for c in choices]
         wrong = [c for c in choices if not isinstance(c, kind)]
         if wrong:
             raise SpaceError(f"{path}: key '{key}.choices' holds {wrong[0]!r}: {name} takes {kind.__name__} values")
+        repeated = [c for i, c in enumerate(choices) if c in choices[:i]]
+        if repeated:
+            raise SpaceError(f"{path}: key '{key}.choices' lists {repeated[0]!r} twice: give each value once")
+        for choice in choices:
+            _allowed(path, f"{key}.choices", name, choice)
         return CategoricalDistribution(choices)
     unknown = sorted(set(spec) - set(RANGE_KEYS))
     if unknown or "low" not in spec or "high" not in spec:
@@ -113,6 +119,8 @@ def _distribution(path: Path, name: str, spec: Any) -> BaseDistribution:
         raise SpaceError(f"{path}: key {key!r}: {name} is a {kind.__name__} field: only choices are allowed")
     low = _number(path, f"{key}.low", spec["low"], kind)
     high = _number(path, f"{key}.high", spec["high"], kind)
+    for bound, value in (("low", low), ("high", high)):  # a field's allowed values are an interval: ends suffice
+        _allowed(path, f"{key}.{bound}", name, value)
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise SpaceError(f"{path}: key '{key}.log' must be true or false, got {log!r}")
@@ -127,12 +135,7 @@ def _distribution(path: Path, name: str, spec: Any) -> BaseDistribution:
 
 def load_space(path: Path) -> SearchSpace:
     """Read and check a space file; every complaint is one line naming the file and the key."""
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SpaceError(f"{path}: cannot be read ({exc.strerror}): pass a search-space YAML file") from None
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    doc = read_yaml(path, SpaceError)
     if not isinstance(doc, dict):
         raise SpaceError(f"{path}: expected a mapping with keys {', '.join(SPACE_KEYS)}")
     unknown = [k for k in doc if k not in SPACE_KEYS]
@@ -151,6 +154,8 @@ def load_space(path: Path) -> SearchSpace:
         for name in section:
             if name not in FIELD_TYPES:
                 raise SpaceError(f"{path}: key '{key}.{name}' is not a TrainConfig field")
+    for name, value in fixed.items():  # as a member file's would be, before any trial is asked for
+        _allowed(path, f"fixed.{name}", name, value)
     for name in params:
         if name in fixed:
             raise SpaceError(f"{path}: key 'params.{name}' is also in 'fixed': a field is either fixed or searched")

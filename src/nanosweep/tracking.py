@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -17,8 +18,11 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.uri import get_uri_scheme
+from mlflow.utils.validation import _validate_experiment_name
 
 from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 
@@ -54,6 +58,9 @@ HEARTBEAT_TAG = "nanosweep.heartbeat"
 HEARTBEAT_ENV = "NANOSWEEP_HEARTBEAT_SECONDS"  # the beat; the same on every machine of a study
 DEFAULT_HEARTBEAT_SECONDS = 15.0
 STALE_BEATS = 4  # missed beats before a run counts as dead: 60 s by default
+# the stores MLflow itself opens ("" and file: the folder store); a database URL's +driver does not count
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file", "")
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 def heartbeat_seconds() -> float:
@@ -127,14 +134,69 @@ class CheckpointUnreadable(TrackingError):
     """A cut-off run's ckpt.pt cannot be loaded: its training cannot continue in that run."""
 
 
+def check_sqlite_file(url: str, what: str) -> None:
+    """A SQLite URL names a SQLite database, or a file that can be created: one in an existing folder we may write.
+
+    Checked before anything opens it, since opening creates the file; `what` names the URL in the refusal.
+    """
+    from sqlalchemy.engine import make_url  # only for SQLite URLs: no cost to a command that has none
+
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database)
+    if path.is_dir():
+        raise TrackingError(f"{what} {url} names a folder, not a database file: give sqlite:///{path}/NAME.db")
+    if path.exists():
+        with path.open("rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+        if header and header != SQLITE_HEADER:
+            raise TrackingError(
+                f"{what} {url}: {path} is not a SQLite database: give an MLflow store's file or a new path"
+            )
+        return
+    if not path.parent.is_dir():
+        raise TrackingError(f"{what} {url}: folder {path.parent} does not exist: create it or give another path")
+    if not os.access(path.parent, os.W_OK):  # False on a read-only file system, for root too
+        raise TrackingError(
+            f"{what} {url}: folder {path.parent} is not writable, and a new database is created there: "
+            "give a path in a writable folder"
+        )
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a tracking URI MLflow cannot use, in one line, before anything opens it (and so creates a store)."""
+    try:
+        scheme = get_uri_scheme(uri)
+    except MlflowException:  # a database URL with two +drivers
+        scheme = None
+    if scheme not in TRACKING_SCHEMES:
+        raise TrackingError(
+            f"tracking URI {uri!r} is not one MLflow can use: give sqlite:///PATH, http(s)://HOST:PORT of a "
+            "tracking server, or a database URL such as postgresql://user:password@host/db"
+        )
+    if scheme in ("", "file") and not MLFLOW_ALLOW_FILE_STORE.get():
+        raise TrackingError(
+            f"tracking URI {uri!r} is a folder store (like ./mlruns), which MLflow 3 no longer opens: give "
+            "sqlite:///mlflow.db (`mlflow migrate-filestore` moves old runs), or set MLFLOW_ALLOW_FILE_STORE=true"
+        )
+    if scheme == "sqlite":
+        check_sqlite_file(uri, "tracking URI")
+
+
 def connect(tracking_uri: str | None = None) -> str:
     """Use tracking_uri (else MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db); fail fast if a server is down."""
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    check_tracking_uri(uri)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)  # also exported to the environment, for trial processes
-    uri = mlflow.get_tracking_uri()
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        except ValueError as exc:  # a port above 65535, or not a number
+            message = f"tracking URI {uri} has no valid port ({exc}): give {parsed.scheme}://HOST:PORT"
+            raise TrackingError(message) from None
         try:
             socket.create_connection((parsed.hostname, port), timeout=5).close()
         except OSError as exc:
@@ -152,6 +214,24 @@ def connect(tracking_uri: str | None = None) -> str:
                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
             ) from None
     return uri
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """A failure of the tracking store (MLflow's refusal, or the database under it) as one line naming the store;
+    None when exc is something else. The command line's last line of defence; checks up front come first."""
+    uri = mlflow.get_tracking_uri()
+    if isinstance(exc, MlflowException):
+        return f"tracking store {uri} failed: {first_line(exc.message)}"
+    database_errors = sys.modules.get("sqlalchemy.exc")  # loaded by whatever opened a database, else none failed
+    if database_errors and isinstance(exc, database_errors.SQLAlchemyError):
+        return f"tracking store {uri} failed: {first_line(getattr(exc, 'orig', None) or exc)}"
+    return None
+
+
+def first_line(message: object) -> str:
+    """An error's first line, at most 300 characters: MLflow and SQLAlchemy add the SQL and a link below."""
+    lines = str(message).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def ensure_experiment(name: str) -> str:
@@ -180,6 +260,21 @@ def search_runs(experiment_ids: list[str], filter_string: str) -> list[Any]:
         token = page.token
         if not token:
             return runs
+
+
+def existing_run(run_id: str, what: str = "run") -> Any:
+    """The active run with this id; refused in one line when the store has none (a typo, another store)."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"{what} {run_id!r} is not an active run of {mlflow.get_tracking_uri()}: give the id of an existing run"
+        )
+    return run
 
 
 def run_experiment_id(run_id: str) -> str:
@@ -245,7 +340,15 @@ def chosen_experiment(experiment: str | None = None) -> str | None:
     under `mlflow run`, which sets it for every run it makes); None when none was named. Only an id is looked up."""
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if name or not experiment_id:
+    if name:
+        try:  # MLflow's own rule for a name, before any store is opened (creating the experiment would refuse it)
+            _validate_experiment_name(name)
+        except MlflowException as exc:
+            shown = name if len(name) <= 60 else f"{name[:60]}..."
+            message = f"experiment {shown!r} ({len(name)} characters) is not allowed: {exc.message}"
+            raise TrackingError(message) from None
+        return name
+    if not experiment_id:
         return name
     try:
         found = MlflowClient().get_experiment(experiment_id)

@@ -39,6 +39,7 @@ from nanosweep.tracking import (
     TrackedRun,
     TrackingError,
     ensure_experiment,
+    existing_run,
 )
 from nanosweep.train import (
     Diverged,
@@ -114,7 +115,7 @@ def check_fits(cfg: TrainConfig, prepared: PreparedData) -> None:
 
 def check_resumable(cfg: TrainConfig, run: TrackedRun) -> None:
     """An existing run may take cfg's training unless it holds another config or is FINISHED."""
-    info = run.info()
+    info = existing_run(run.run_id)
     recorded = info.data.tags.get(CONFIG_HASH_TAG)
     if recorded not in (None, cfg.config_hash):
         raise TrackingError(
@@ -339,6 +340,8 @@ def run_trial(
         if RUN_KIND_TAG not in run.info().data.tags:  # the run `mlflow run . -e train` made
             run.set_tags({RUN_KIND_TAG: "train"})
     else:
+        if parent_run_id:
+            existing_run(parent_run_id, "parent run")
         tags = {RUN_KIND_TAG: "train", **(tags or {})}
         run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags, parent_run_id)
     status = train_runs([(cfg, run)], prepared, hardware, {}, watch)[run.run_id]
