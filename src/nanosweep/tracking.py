@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import mlflow
@@ -20,7 +20,11 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 
-from nanosweep.checkpoint import load_checkpoint, save_checkpoint
+from nanosweep.checkpoint import load_checkpoint, mismatch, save_checkpoint
+
+if TYPE_CHECKING:
+    from nanosweep.config import TrainConfig
+    from nanosweep.model import GPT
 
 DEFAULT_EXPERIMENT = "nanosweep"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -30,7 +34,8 @@ FLUSH_SECONDS = 2.0  # a buffered metric reaches the store this soon at the late
 # the metric a study compares: logged first, so a SQLite store lists it first and the MLflow UI's compare
 # view (which preselects the first metric the runs share) plots it in parallel coordinates by default
 PRIMARY_METRIC = "val_loss"
-CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "best_val_loss", "rng", "eval_losses")  # what resuming reads
+# what resuming reads, and checks against the run (checkpoint.mismatch)
+CHECKPOINT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config", "rng", "eval_losses")
 
 # Tags that place a run in the study; analysis filters on them (`tags.member = 'deep_large'`).
 MEMBER_TAG = "member"  # shallow_small, deep_small, ... (a file in sweeps/)
@@ -427,8 +432,9 @@ class TrackedRun:
             time.sleep(0.5)
             self.client.log_inputs(self.run_id, inputs)
 
-    def download_checkpoint(self) -> dict[str, Any] | None:
-        """The run's last ckpt.pt, or None when it has none; an unreadable one is refused, never skipped."""
+    def download_checkpoint(self, cfg: TrainConfig, model: GPT) -> dict[str, Any] | None:
+        """The run's last ckpt.pt, or None when it has none. One that cannot be read, or that is not the checkpoint
+        of cfg's training (built as model: checkpoint.mismatch), is refused, never skipped."""
         names = {a.path for a in self.client.list_artifacts(self.run_id)}
         if CHECKPOINT not in names:
             return None
@@ -440,15 +446,18 @@ class TrackedRun:
             missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
             if missing:
                 raise ValueError(f"it lacks {', '.join(missing)}")
-            return checkpoint
+            foreign = mismatch(checkpoint, cfg, model)
         except Exception as exc:
-            # starting over inside this run would mix two trainings in one metric history
-            raise CheckpointUnreadable(
-                f"{CHECKPOINT} of run {self.run_id} cannot be read ({str(exc).splitlines()[0][:300]}): "
-                "its training cannot continue in this run"
-            ) from None
+            problem = f"cannot be read ({(str(exc).splitlines() or [type(exc).__name__])[0][:300]})"
+        else:
+            problem = f"is another training's ({foreign})" if foreign else ""
         finally:
             os.unlink(local)
+        if problem:  # starting over inside this run would mix two trainings in one metric history
+            raise CheckpointUnreadable(
+                f"{CHECKPOINT} of run {self.run_id} {problem}: its training cannot continue in this run"
+            )
+        return checkpoint
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) pairs of one metric, in step order."""

@@ -234,7 +234,7 @@ def train_runs(
                 model = build_model(recorder.cfg, vocab.size)
                 recorder.start(model, hardware, prepared, batches, tags)
                 try:
-                    checkpoint = recorder.run.download_checkpoint()
+                    checkpoint = recorder.run.download_checkpoint(recorder.cfg, model)
                 except CheckpointUnreadable as exc:  # this run fails (the sweep retrains it); its siblings go on
                     recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
                     continue
