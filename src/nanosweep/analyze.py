@@ -133,18 +133,16 @@ def log_analysis_run(stage: Path, experiment_id: str, label: str, f: Findings, r
     tags = {RUN_KIND_TAG: "analysis", MEMBER_TAG: label, PROFILE_TAG: profile}
     if run_id:
         run = TrackedRun(run_id)
+        run.take_over()
         run.set_tags({"mlflow.runName": f"analysis-{label}", **tags})
     else:
         run = TrackedRun.create(experiment_id, f"analysis-{label}", tags)
-    try:
-        run.log_params({"member": label, "profile": profile, "runs": len(f.runs), "members": ",".join(f.members)})
-        run.log_metrics({"best_val_loss": float(f.runs["val_loss"].min()), "runs": len(f.runs)}, step=0)
-        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-            parent = path.parent.relative_to(stage).as_posix()
-            run.log_file(path, None if parent == "." else parent)
-    except BaseException as exc:
-        run.finish("FAILED", f"{type(exc).__name__}: {exc}")
-        raise
+    # an error or a stop signal from here on ends the run FAILED or KILLED with the command (tracking.open_runs)
+    run.log_params({"member": label, "profile": profile, "runs": len(f.runs), "members": ",".join(f.members)})
+    run.log_metrics({"best_val_loss": float(f.runs["val_loss"].min()), "runs": len(f.runs)}, step=0)
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        parent = path.parent.relative_to(stage).as_posix()
+        run.log_file(path, None if parent == "." else parent)
     run.finish("FINISHED")
     return run.run_id
 

@@ -15,12 +15,14 @@ import click
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import DataError, prepare
 from nanosweep.executors import EXECUTORS, ExecutorError
+from nanosweep.stopping import Interrupted, signal_name, stop_signals
 from nanosweep.tracking import (
     DEFAULT_EXPERIMENT,
     TrackingError,
     chosen_experiment,
     connect,
     experiment_name,
+    open_runs,
     study_scope,
 )
 
@@ -38,6 +40,26 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(str(exc)) from None
 
     return wrapper
+
+
+def stops_cleanly(outcome: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """SIGTERM or Ctrl-C stops the command at whatever moment it comes: every run the command opened ends KILLED
+    (an error ends them FAILED), then it says `outcome` and exits 130."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                with stop_signals.installed(), open_runs.ended_on_exit():
+                    return command(*args, **kwargs)
+            except (Interrupted, KeyboardInterrupt) as exc:
+                name = click.get_current_context().info_name
+                click.echo(f"{name} interrupted ({signal_name(exc)}): {outcome}", err=True)
+                sys.exit(130)
+
+        return wrapper
+
+    return decorate
 
 
 def train_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,6 +135,7 @@ def prepare_command(input_path: str | None) -> None:
 @click.option("--optuna-trial-id", type=int, default=None, hidden=True)
 @click.option("--optuna-pruner", default="none", hidden=True)
 @user_errors
+@stops_cleanly("run ended KILLED")
 def train_command(
     input_path: str | None,
     tracking_uri: str | None,
@@ -126,7 +149,7 @@ def train_command(
     **fields: Any,
 ) -> None:
     """Train one configuration as one MLflow run."""
-    from nanosweep.trial import Interrupted, run_trial
+    from nanosweep.trial import run_trial
 
     cfg = TrainConfig(**fields)
     connect(tracking_uri)
@@ -136,11 +159,7 @@ def train_command(
         from nanosweep.pruning import pruning_observer
 
         watch = pruning_observer(optuna_storage, optuna_study, optuna_trial_id, optuna_pruner)
-    try:
-        run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path, watch=watch)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): run ended KILLED", err=True)
-        sys.exit(130)
+    run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path, watch=watch)
     click.echo(f"{cfg.run_name}: run {run_id} FINISHED")
 
 
@@ -157,22 +176,19 @@ def train_command(
 @input_option
 @tracking_uri_option
 @user_errors
+@stops_cleanly("unfinished runs ended KILLED")
 def train_group_command(
     trials: tuple[str, ...], tags: tuple[str, ...], input_path: str | None, tracking_uri: str | None
 ) -> None:
     """Train existing runs fused in one process, each ending on its own (what a sweep launches per group)."""
-    from nanosweep.trial import Interrupted, parse_trial_spec, run_group
+    from nanosweep.trial import parse_trial_spec, run_group
 
     specs = [parse_trial_spec(text) for text in trials]
     bad = [t for t in tags if "=" not in t]
     if bad:
         raise click.ClickException(f"--tag {bad[0]!r} is not allowed: give KEY=VALUE")
     connect(tracking_uri)
-    try:
-        statuses = run_group(specs, dict(t.split("=", 1) for t in tags), input_path)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): unfinished runs ended KILLED", err=True)
-        sys.exit(130)
+    statuses = run_group(specs, dict(t.split("=", 1) for t in tags), input_path)
     for cfg, run_id in specs:
         click.echo(f"{cfg.run_name}: run {run_id} {statuses[run_id]}")
     sys.exit(0 if set(statuses.values()) == {"FINISHED"} else 1)
@@ -219,6 +235,7 @@ def train_group_command(
 @tracking_uri_option
 @experiment_option
 @user_errors
+@stops_cleanly("rerun the same command to resume")
 def sweep_command(
     member: str,
     profile: str,
@@ -237,7 +254,6 @@ def sweep_command(
     """Run a member's grid (or all): one child run per grid point under one parent run."""
     from nanosweep.grid import check_profile, default_sweeps_dir
     from nanosweep.sweep import SweepOptions, run_sweep
-    from nanosweep.trial import Interrupted
 
     check_profile(profile)
     if workers < 0 or trials_per_gpu < 1:
@@ -263,13 +279,7 @@ def sweep_command(
         executor=executor,
         ray_address=ray_address,
     )
-    try:
-        sys.exit(run_sweep(opts))
-    except (Interrupted, KeyboardInterrupt) as exc:
-        click.echo(
-            f"sweep interrupted ({exc.args[0] if exc.args else 'SIGINT'}): rerun the same command to resume", err=True
-        )
-        sys.exit(130)
+    sys.exit(run_sweep(opts))
 
 
 @main.command("search")
@@ -284,6 +294,7 @@ def sweep_command(
 @tracking_uri_option
 @experiment_option
 @user_errors
+@stops_cleanly("rerun the same command to continue")
 def search_command(
     space: Path,
     trials: int,
@@ -298,17 +309,11 @@ def search_command(
 ) -> None:
     """Adaptive search with Optuna: one child run per trial under one parent run; rerun to continue."""
     from nanosweep.search import SearchOptions, run_search
-    from nanosweep.trial import Interrupted
 
     connect(tracking_uri)
     experiment = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a search is its own study: no member to find
     opts = SearchOptions(space, trials, sampler, pruner, workers, experiment, storage, sampler_seed, input_path)
-    try:
-        sys.exit(run_search(opts))
-    except (Interrupted, KeyboardInterrupt) as exc:
-        reason = exc.args[0] if exc.args else "SIGINT"
-        click.echo(f"search interrupted ({reason}): rerun the same command to continue", err=True)
-        sys.exit(130)
+    sys.exit(run_search(opts))
 
 
 # --- analysis, artifacts, import and serving: everything read back from the tracking store ---
@@ -338,6 +343,7 @@ out_option = click.option(
 @tracking_uri_option
 @experiment_option
 @user_errors
+@stops_cleanly("nothing was written to --out")
 def analyze_command(
     member: str,
     profile: str,
@@ -441,6 +447,7 @@ def sample_command(
 @tracking_uri_option
 @experiment_option
 @user_errors
+@stops_cleanly("the runs imported so far stay; rerun to import the rest")
 def import_results_command(
     folder: Path,
     member: str | None,

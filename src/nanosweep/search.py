@@ -29,6 +29,7 @@ from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, o
 from nanosweep.space import SearchSpace, load_space
 from nanosweep.sweep import (
     Progress,
+    adopt,
     close_trial_run,
     end_stale_sweeps,
     open_parent,
@@ -37,7 +38,7 @@ from nanosweep.sweep import (
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
     DEFAULT_EXPERIMENT,
-    PARENT_RUN_TAG,
+    END_REASON_TAG,
     PROFILE_TAG,
     RUN_KIND_TAG,
     TrackedRun,
@@ -254,9 +255,9 @@ class Driver:
             while len(executor.running()) < executor.capacity and (queue or (new and not self.exhausted)):
                 if queue:
                     trial = queue.pop(0)
-                    run_id = trial.user_attrs[RUN_ID_ATTR]
-                    TrackedRun(run_id).set_tags({PARENT_RUN_TAG: self.parent_id})  # under the search finishing it
                     cfg, number, trial_id = self.space.config(trial.params), trial.number, trial._trial_id
+                    run_id = trial.user_attrs[RUN_ID_ATTR]
+                    adopt(run_id, self.parent_id)
                     how = "resume"
                 else:
                     proposal = ask(self.study, self.space, self.prepared, seen)
@@ -288,7 +289,7 @@ class Driver:
         else:
             progress.failed += 1
             self.failed.append(f"trial {active.number} ({active.cfg.run_name})")
-            event += f": {info.data.tags.get('nanosweep.end_reason', 'no reason recorded')}"
+            event += f": {info.data.tags.get(END_REASON_TAG, 'no reason recorded')}"
         progress.report(event)
 
 
@@ -368,7 +369,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     driver = Driver(opts, space, study, storage, parent.run_id)
     started = time.monotonic()
     try:
-        with supervise_trials(name, executor, parent, stream, driver.active):
+        with supervise_trials(name, executor, parent, stream):
             driver.run(executor, resume, new, progress)
     finally:
         shutil.rmtree(driver.log_dir, ignore_errors=True)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,8 +25,10 @@ from typing import Any, TextIO
 from nanosweep.data import prepare
 from nanosweep.executors import STOP_GRACE_SECONDS, Executor, TrialExit, TrialLaunch, make_executor
 from nanosweep.grid import GridPoint, expand, load_members
+from nanosweep.stopping import Interrupted, signal_name, stop_signals
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
+    END_REASON_TAG,
     FUSED_GROUP_TAG,
     HOST_TAG,
     MEMBER_TAG,
@@ -40,11 +42,12 @@ from nanosweep.tracking import (
     alive,
     heartbeat_age,
     heartbeat_now,
+    open_runs,
     search_runs,
     study_scope,
 )
 from nanosweep.train import fusion_key
-from nanosweep.trial import Interrupted, check_fits, stop_signals, trial_spec
+from nanosweep.trial import check_fits, trial_spec
 
 # --fuse auto on CPU: trials per group (bench/README.md, bench_study.py: on a 2-core CPU fusing is no slower per
 # trial-iteration and saves a process start per trial); on CUDA a group takes every trial of its fusion key.
@@ -232,6 +235,15 @@ def format_table(plans: list[PlannedTrial], with_results: bool) -> str:
     return "\n".join(lines)
 
 
+def adopt(run_id: str, parent_id: str) -> None:
+    """A cut-off run moves under the driver (sweep or search) that resumes it: its parent, a fresh heartbeat, and
+    its ending if the driver stops before a trial process ends it."""
+    run = TrackedRun(run_id)
+    with stop_signals.deferred():
+        run.set_tags({PARENT_RUN_TAG: parent_id, **heartbeat_now()})
+        open_runs.add(run)
+
+
 def close_trial_run(exit: TrialExit, run_id: str) -> Any:
     """One of the ended process's runs, its output added under logs/. A run the process left RUNNING ends here:
     KILLED when its machine was lost (a rerun resumes it), FAILED when the process died on its own."""
@@ -245,6 +257,7 @@ def close_trial_run(exit: TrialExit, run_id: str) -> Any:
         run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
         info = run.info()
     run.log_file(exit.launch.log_path, "logs")
+    open_runs.discard(run_id)  # ended, by its trial or just now
     return info
 
 
@@ -258,7 +271,7 @@ def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progres
         planned = by_run[run_id]
         info = close_trial_run(exit, run_id)
         progress.running -= 1
-        reason = info.data.tags.get("nanosweep.end_reason", "no reason recorded")
+        reason = info.data.tags.get(END_REASON_TAG, "no reason recorded")
         if planned.action == "resume" and reason.startswith(f"{CheckpointUnreadable.__name__}:"):
             name = planned.point.config.run_name
             progress.report(f"{name}: {reason}; run FAILED, training the grid point in a new run")
@@ -298,8 +311,8 @@ def _drive(
             for planned in group:
                 if planned.run_id is None:
                     planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
-                else:  # a resumed run moves under the sweep that finishes it, whose heartbeat it now has
-                    TrackedRun(planned.run_id).set_tags({PARENT_RUN_TAG: parent_id, **heartbeat_now()})
+                else:
+                    adopt(planned.run_id, parent_id)
                 by_run[planned.run_id] = planned
             started += 1
             name = group_name(group, parent_id, started)
@@ -317,41 +330,37 @@ def _drive(
 
 def open_parent(experiment_id: str, attached: str | None, name: str, kind: str, tags: dict[str, Any]) -> TrackedRun:
     """The parent run of a sweep or a search (the run `mlflow run` created, else a new one), tagged with its driver."""
-    parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: kind})
+    if attached:
+        parent = TrackedRun(attached)
+        parent.take_over()
+    else:
+        parent = TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: kind})
     driver = {HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(), **heartbeat_now()}
     parent.set_tags({RUN_KIND_TAG: kind, "mlflow.runName": name, **tags, **driver})
     return parent
 
 
 @contextlib.contextmanager
-def supervise_trials(
-    name: str, executor: Executor, parent: TrackedRun, stream: TextIO, runs: Iterable[str]
-) -> Iterator[None]:
+def supervise_trials(name: str, executor: Executor, parent: TrackedRun, stream: TextIO) -> Iterator[None]:
     """The driver's duties while its trials run: keep the parent's and the running trials' heartbeats fresh
-    (a trial waiting for its process, or for Ray to rerun it elsewhere, is still this driver's), and on SIGTERM
-    or Ctrl-C stop the running trials (they end KILLED, to be resumed) and end the parent KILLED.
-
-    The first signal stops the driver; later ones are ignored so they cannot cut the shutdown short. Runs
-    (ids, read at the end) that no trial ended, killed after the grace or never started, end KILLED here.
+    (a trial waiting for its process, or for Ray to rerun it elsewhere, is still this driver's), and when the
+    driver stops (SIGTERM, Ctrl-C, an error) stop the running trials first: they end their runs KILLED, to be
+    resumed. The parent, and runs that no trial ended (killed after the grace, or never started), end with the
+    command (tracking.open_runs).
     """
 
     def launched() -> list[str]:
         """The runs of every trial process started and not ended yet: this driver keeps them alive."""
         return [run_id for launch in executor.running() for run_id in launch.run_ids]
 
-    with stop_signals.installed(), Heartbeat([parent.run_id], also=launched):
+    with Heartbeat([parent.run_id], also=launched):
         try:
             yield
-        except (Interrupted, KeyboardInterrupt) as exc:
-            reason = exc.args[0] if exc.args else "SIGINT"
-            stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
+        except BaseException as exc:
+            if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+                stream.write(f"{name}: interrupted by {signal_name(exc)}; stopping {len(launched())} trial(s)\n")
             # trials that got the same Ctrl-C are already ending their runs and ignore this SIGTERM
             executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
-            for run_id in runs:
-                run = TrackedRun(run_id)
-                if run.info().info.status == "RUNNING":
-                    run.finish("KILLED", f"{name} was interrupted by {reason} before the trial ended its run")
-            parent.finish("KILLED", f"interrupted by {reason}")
             raise
 
 
@@ -409,7 +418,7 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         started = time.monotonic()
         by_run: dict[str, PlannedTrial] = {}
         try:
-            with supervise_trials(name, executor, parent, stream, by_run):
+            with supervise_trials(name, executor, parent, stream):
                 _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
         finally:
             shutil.rmtree(log_dir, ignore_errors=True)

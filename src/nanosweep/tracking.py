@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
 
 from nanosweep.checkpoint import load_checkpoint, mismatch, save_checkpoint
+from nanosweep.stopping import Interrupted, signal_name, stop_signals
 
 if TYPE_CHECKING:
     from nanosweep.config import TrainConfig
@@ -52,6 +54,7 @@ FUSED_GROUP_TAG = "fused_group"  # runs with the same value trained together as 
 EXECUTOR_TAG = "executor"  # local or ray: what ran the trial's process
 NODE_TAG = "node"  # where: the host name (local) or the Ray node id
 RESUMED_FROM_TAG = "nanosweep.resumed_from"  # the checkpoint iteration the run's last process continued from
+END_REASON_TAG = "nanosweep.end_reason"  # why the run's last process ended it FAILED or KILLED (or stopped it early)
 # A RUNNING run is alive while its trial process or its driver (sweep, search) keeps this tag fresh: unix
 # seconds, stamped every heartbeat_seconds(). Older than STALE_BEATS beats, it is dead wherever it ran and is
 # resumed from its checkpoint. Machines' clocks must agree to well within that (NTP).
@@ -283,6 +286,48 @@ def study_scope(experiment: str | None = None) -> StudyScope:
     return StudyScope({found.experiment_id: name} if found else {}, name, attached_experiment)
 
 
+class OpenRuns:
+    """The runs this process created or took over and has not ended yet.
+
+    TrackedRun.create and take_over add a run in the same step as they make it RUNNING (a stop signal waits for
+    that step), and TrackedRun.finish removes it. A command that leaves `ended_on_exit` by an exception ends every
+    run it opened that is still RUNNING: KILLED when a stop signal came, FAILED on an error. So whatever moment
+    SIGTERM or Ctrl-C comes at, no run is left behind RUNNING.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, TrackedRun] = {}
+
+    def add(self, run: TrackedRun) -> None:
+        self._runs[run.run_id] = run
+
+    def discard(self, run_id: str) -> None:
+        """The run is ended, or another process ended it (a trial that exited): nothing left to do for it."""
+        self._runs.pop(run_id, None)
+
+    @contextlib.contextmanager
+    def ended_on_exit(self) -> Iterator[None]:
+        before = set(self._runs)
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+                status, reason = "KILLED", f"interrupted by {signal_name(exc)}"
+            else:
+                status, reason = "FAILED", f"{type(exc).__name__}: {exc}"
+            with stop_signals.deferred():
+                for run in [run for run_id, run in self._runs.items() if run_id not in before]:
+                    # a trial process may have ended it already (this is its driver): only RUNNING ones are left
+                    with contextlib.suppress(Exception):  # the store may be what failed: the error below says so
+                        if run.info().info.status == "RUNNING":
+                            run.finish(status, reason)
+                    self.discard(run.run_id)
+            raise
+
+
+open_runs = OpenRuns()
+
+
 class TrackedRun:
     """One MLflow run seen from a training process: params, batched async metrics, artifacts, end status."""
 
@@ -319,8 +364,10 @@ class TrackedRun:
         tags = resolve_tags({"mlflow.source.name": "nanosweep", **tags, **heartbeat_now()})  # alive from birth
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id  # nests the run under its sweep in the UI
-        run = MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags)
-        return cls(run.info.run_id)
+        with stop_signals.deferred():  # created and ended by this process if it stops: one step, never half
+            run = cls(MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags).info.run_id)
+            open_runs.add(run)
+        return run
 
     def info(self) -> Any:
         return self.client.get_run(self.run_id)
@@ -332,9 +379,14 @@ class TrackedRun:
         self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True)
         self._monitor.start()
 
-    def mark_running(self) -> None:
-        """A resumed run is RUNNING again (it was KILLED, or left RUNNING by a killed process)."""
-        self.client.update_run(self.run_id, status="RUNNING")
+    def take_over(self) -> None:
+        """This process continues the run (it was KILLED, or left RUNNING by a killed process): RUNNING again, the
+        end reason of its last process gone, and ended by this process if it stops."""
+        if END_REASON_TAG in self.info().data.tags:
+            self.client.delete_tag(self.run_id, END_REASON_TAG)
+        with stop_signals.deferred():
+            self.client.update_run(self.run_id, status="RUNNING")
+            open_runs.add(self)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params not yet on the run (`mlflow run` logs its own first; a resumed run has them)."""
@@ -477,22 +529,24 @@ class TrackedRun:
         """Flush everything, then end the run FINISHED, FAILED or KILLED (with the reason as a tag).
 
         When the flush or the last upload fails, the run ends FAILED with that reason (never FINISHED with
-        metrics or a checkpoint missing) and the error is raised.
+        metrics or a checkpoint missing) and the error is raised. A stop signal waits until the run has ended.
         """
-        try:
-            if self._monitor is not None:
-                self._monitor.finish()
-            self.flush_and_wait()
-        except BaseException as exc:
-            status = "FAILED"
-            reason = f"final metric flush or upload failed: {type(exc).__name__}: {exc}" + (
-                f" (after: {reason})" if reason else ""
-            )
-            raise
-        finally:
-            if reason:
-                self.set_tags({"nanosweep.end_reason": reason[:5000]})
-            with _ASYNC_LOGGING:  # it shuts down the async queue that sibling runs log through
-                self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
-            self.ended = True
-            self._scratch.cleanup()
+        with stop_signals.deferred():
+            try:
+                if self._monitor is not None:
+                    self._monitor.finish()
+                self.flush_and_wait()
+            except BaseException as exc:
+                status = "FAILED"
+                reason = f"final metric flush or upload failed: {type(exc).__name__}: {exc}" + (
+                    f" (after: {reason})" if reason else ""
+                )
+                raise
+            finally:
+                if reason:
+                    self.set_tags({END_REASON_TAG: reason[:5000]})
+                with _ASYNC_LOGGING:  # it shuts down the async queue that sibling runs log through
+                    self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
+                self.ended = True
+                open_runs.discard(self.run_id)
+                self._scratch.cleanup()
