@@ -152,7 +152,7 @@ def train_command(
     from nanosweep.trial import run_trial
 
     cfg = TrainConfig(**fields)
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=run_id is not None)  # a new run is made in a new store, once
     new_runs_go_to = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a train run is no grid point: no search
     watch = None
     if optuna_study is not None:  # a search trial; only then is Optuna imported
@@ -187,7 +187,7 @@ def train_group_command(
     bad = [t for t in tags if "=" not in t]
     if bad:
         raise click.ClickException(f"--tag {bad[0]!r} is not allowed: give KEY=VALUE")
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=True)
     statuses = run_group(specs, dict(t.split("=", 1) for t in tags), input_path)
     for cfg, run_id in specs:
         click.echo(f"{cfg.run_name}: run {run_id} {statuses[run_id]}")
@@ -357,7 +357,7 @@ def analyze_command(
     """Results CSVs, rankings, main effects, plots and a report from the finished runs in the store."""
     from nanosweep.analyze import analyze, summary
 
-    uri = connect(tracking_uri)
+    uri = connect(tracking_uri, must_exist=True)
     if search is not None:
         from nanosweep.search import study_storage
         from nanosweep.search_report import analyze_search
@@ -388,7 +388,7 @@ def download_command(
     from nanosweep.artifacts import download, fetch_missing, run_transfers
     from nanosweep.query import find_run, select
 
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=True)
     scope = study_scope(experiment)
 
     def progress(todo: list) -> Any:
@@ -432,7 +432,7 @@ def sample_command(
         except OSError as exc:
             message = f"prompt file {prompt[5:]!r} cannot be read ({exc.strerror}): pass FILE:<readable path>"
             raise click.ClickException(message) from None
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=True)
     run_id, name = find_run(study_scope(experiment), name_or_id)
     model, vocab = load_run_model(run_id, device)
     click.echo(f"# {name} (run {run_id})", err=True)
@@ -492,7 +492,7 @@ def register_command(
 
     if (member is None) == (name_or_id is None):
         raise click.UsageError("give exactly one of --member (its best run) and --name (that run)")
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=True)
     scope = study_scope(experiment)
     if name_or_id:
         registered = register_named(scope, name_or_id, model_name)

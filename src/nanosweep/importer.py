@@ -24,6 +24,7 @@ from nanosweep.tracking import (
     CHECKPOINT,
     StudyScope,
     TrackedRun,
+    ensure_store,
 )
 from nanosweep.train import build_model
 
@@ -184,6 +185,7 @@ def import_study(
     (chosen,) = load_members(sweeps_dir, name)
     points = {point.config.run_name: point for point in expand(chosen, PROFILE)}
     rows = read_results(folder / "results.csv", points, chosen.name)
+    ensure_store()  # the folder is sound: now the store may be made
     scope = as_scope(where)
     done = finished_runs(scope)
     if len(done):

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import PreparedData, prepare
 from nanosweep.executors import Executor, TrialLaunch, make_executor
+from nanosweep.filelocks import create_once, sqlite_file
 from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage
 from nanosweep.space import SearchSpace, load_space
 from nanosweep.sweep import (
@@ -44,6 +45,7 @@ from nanosweep.tracking import (
     TrackedRun,
     alive,
     ensure_experiment,
+    ensure_store,
     run_experiment_id,
 )
 from nanosweep.trial import check_fits
@@ -113,7 +115,11 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None, trials: int) -
 
 
 def open_study(space: SearchSpace, storage: str, sampler: optuna.samplers.BaseSampler, pruner: str) -> optuna.Study:
-    """The space's study, created on the first search and continued by every later one with the same space."""
+    """The space's study, created on the first search and continued by every later one with the same space. A new
+    SQLite database for it is made once and whole (filelocks.create_once), whoever starts at the same time."""
+    database = sqlite_file(storage)
+    if database is not None:
+        create_once(database, lambda path: open_storage(f"sqlite:///{path}").engine.dispose())
     study = optuna.create_study(
         storage=open_storage(storage),
         study_name=space.name,
@@ -331,9 +337,10 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     sampler = make_sampler(opts.sampler, space, opts.sampler_seed, opts.trials)
     prepare(opts.input_path)  # once, here, so trials never race to write it
     storage = study_storage(mlflow.get_tracking_uri(), opts.storage)
+    study = open_study(space, storage, sampler, opts.pruner)
+    ensure_store()
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
     experiment_id = run_experiment_id(attached) if attached else ensure_experiment(opts.experiment)
-    study = open_study(space, storage, sampler, opts.pruner)
     end_stale_sweeps([experiment_id], keep=attached, kind="search")
     resume, busy = settle(study)
     target = int(min(opts.trials, space.size))

@@ -40,10 +40,12 @@ from nanosweep.tracking import (
     Heartbeat,
     TrackedRun,
     alive,
+    ensure_store,
     heartbeat_age,
     heartbeat_now,
     open_runs,
     search_runs,
+    store_missing,
     study_scope,
 )
 from nanosweep.train import fusion_key
@@ -364,6 +366,13 @@ def supervise_trials(name: str, executor: Executor, parent: TrackedRun, stream: 
             raise
 
 
+def _report_dry_run(plans: list[PlannedTrial], stream: TextIO) -> int:
+    stream.write(format_table(plans, with_results=False) + "\n")
+    counts = {a: sum(p.action == a for p in plans) for a in ("run", "rerun", "resume", "skip", "busy")}
+    stream.write(", ".join(f"{n} {a}" for a, n in counts.items() if n) + "\n")
+    return 0
+
+
 def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     """Run the member grid(s) to the end; 0 when every point is finished, 1 when some failed."""
     members = load_members(opts.sweeps_dir, opts.member)
@@ -373,14 +382,15 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         check_fits(point.config, prepared)
 
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
+    if not opts.dry_run:
+        ensure_store()
+    elif store_missing():  # nothing tracked yet, so every point would run; a dry run creates no store
+        return _report_dry_run(plan(points, []), stream)
     scope = study_scope(opts.experiment)
     runs = study_runs(scope.ids)
     plans = plan(points, runs)
     if opts.dry_run:
-        stream.write(format_table(plans, with_results=False) + "\n")
-        counts = {a: sum(p.action == a for p in plans) for a in ("run", "rerun", "resume", "skip", "busy")}
-        stream.write(", ".join(f"{n} {a}" for a, n in counts.items() if n) + "\n")
-        return 0
+        return _report_dry_run(plans, stream)
 
     end_stale_sweeps(scope.ids, keep=attached)
     name = f"sweep-{opts.member}-{opts.profile}"

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -19,9 +20,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
 from mlflow.tracking.context.registry import resolve_tags
 
 from nanosweep.checkpoint import load_checkpoint, mismatch, save_checkpoint
+from nanosweep.filelocks import create_once, database_exists, sqlite_file
 from nanosweep.stopping import Interrupted, signal_name, stop_signals
 
 if TYPE_CHECKING:
@@ -135,8 +138,12 @@ class CheckpointUnreadable(TrackingError):
     """A cut-off run's ckpt.pt cannot be loaded: its training cannot continue in that run."""
 
 
-def connect(tracking_uri: str | None = None) -> str:
-    """Use tracking_uri (else MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db); fail fast if a server is down."""
+def connect(tracking_uri: str | None = None, must_exist: bool = False) -> str:
+    """Use tracking_uri (else MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db); fail fast if a server is down.
+
+    Nothing is created here: a command that writes calls ensure_store once its input is checked. must_exist: a
+    command that only reads refuses a SQLite store that is not there (rather than making an empty one).
+    """
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)  # also exported to the environment, for trial processes
     uri = mlflow.get_tracking_uri()
@@ -159,7 +166,64 @@ def connect(tracking_uri: str | None = None) -> str:
                 f"tracking server {uri} refused the request (HTTP {exc.get_http_status_code()}): "
                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
             ) from None
+    store = sqlite_file(uri)
+    if store is not None and database_exists(store):
+        check_store_is_whole(store)
+    elif store is not None and must_exist:
+        raise TrackingError(
+            f"no tracking store at {store.resolve()} ({uri}): nothing has been tracked there; run where the store "
+            "is, or point --tracking-uri / MLFLOW_TRACKING_URI at it"
+        )
     return uri
+
+
+def check_store_is_whole(store: Path) -> None:
+    """Refuse a SQLite store whose creation was cut off (a kill, or two processes creating it at once, before
+    ensure_store): its schema is short of MLflow's and it holds no runs. A store of another MLflow version that holds
+    runs is left to MLflow, which upgrades or names it."""
+    from mlflow.store.db.utils import _get_latest_schema_revision  # MLflow's own check of a store's schema
+
+    try:
+        with contextlib.closing(sqlite3.connect(store)) as db:  # rolls back what a killed writer left half-done
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            versions = db.execute("SELECT version_num FROM alembic_version") if "alembic_version" in tables else []
+            revision = next((version for (version,) in versions), None)
+            runs = db.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.Error:
+        return  # not a SQLite database at all: MLflow says so
+    head = _get_latest_schema_revision()
+    if revision != head and not runs:
+        found = revision or "none"
+        raise TrackingError(
+            f"tracking store {store.resolve()} was left half-made (schema revision {found}, MLflow "
+            f"{mlflow.__version__} makes {head}) and holds no runs: its creation was cut off by a kill or by "
+            f"another process creating it at the same time. Delete it (rm {store}) and run again: the store is "
+            "then made whole, once"
+        )
+
+
+def ensure_store() -> None:
+    """Create the tracking URI's SQLite store if it is missing, exactly once and whole (filelocks.create_once):
+    concurrent first use and a kill at any moment leave no store or a complete one. A server migrates its own.
+    Commands that write call this once their input is checked, so a refused command creates no store."""
+    store = sqlite_file(mlflow.get_tracking_uri())
+    if store is not None:
+        create_once(store, _build_sqlite_store)
+
+
+def store_missing() -> bool:
+    """The tracking URI names a SQLite store that is not there yet: nothing has been tracked (and a look must not
+    make it)."""
+    store = sqlite_file(mlflow.get_tracking_uri())
+    return store is not None and not database_exists(store)
+
+
+def _build_sqlite_store(path: Path) -> None:
+    """MLflow's schema and Default experiment in a new SQLite file, as MLflow makes them on first use."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    built = SqlAlchemyStore(f"sqlite:///{path}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+    built.engine.dispose()  # no connection may outlive the rename to its final name
 
 
 def ensure_experiment(name: str) -> str:

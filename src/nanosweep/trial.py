@@ -37,6 +37,7 @@ from nanosweep.tracking import (
     TrackedRun,
     TrackingError,
     ensure_experiment,
+    ensure_store,
 )
 from nanosweep.train import (
     Diverged,
@@ -283,6 +284,7 @@ def run_trial(
         if RUN_KIND_TAG not in run.info().data.tags:  # the run `mlflow run . -e train` made
             run.set_tags({RUN_KIND_TAG: "train"})
     else:
+        ensure_store()
         tags = {RUN_KIND_TAG: "train", **(tags or {})}
         run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags, parent_run_id)
     status = train_runs([(cfg, run)], prepared, hardware, {}, watch)[run.run_id]
