@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY_MEMBER
+from nanosweep.filelocks import OwnedFolder
 from nanosweep.tracking import ensure_experiment
 from test_analysis import log_study
 from test_importer import SWEEPS, study_folder
@@ -134,3 +135,50 @@ def test_a_resumed_run_that_finishes_keeps_no_end_reason_of_its_earlier_process(
     assert code == 0, output
     resumed = MlflowClient().get_run(run.info.run_id)
     assert resumed.info.status == "FINISHED" and "nanosweep.end_reason" not in resumed.data.tags
+
+
+def test_a_staging_folder_that_a_killed_analysis_left_goes_with_the_next_analysis(user_env, tmp_path):
+    log_study(ensure_experiment("nanosweep"))
+    out = tmp_path / "results"
+    proc = nanosweep(user_env, "analyze", "--member", "m1", "--out", str(out))
+    run_appears(proc, "analysis")  # staged by now, logging its files
+    proc.kill()
+    proc.communicate()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".analysis-")]  # SIGKILL: nobody could remove it
+    code, output = stopped(nanosweep(user_env, "analyze", "--member", "m1", "--out", str(out), "--no-log-run"))
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["analysis-m1", "nanoGPT_results_vijay_m1"]
+
+
+def test_scratch_folders_of_a_killed_trial_go_with_the_next_trial(user_env, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**user_env, "TMPDIR": str(scratch)}
+    proc = nanosweep(env, "train", *TRAIN, "--max-iters", "100000", "--eval-interval", "5")
+    the_moment(proc, lambda: any("nanosweep.checkpoint_iter" in r.data.tags for r in all_runs()))
+    proc.kill()
+    proc.communicate()
+    left = sorted(p.name for p in scratch.iterdir() if p.name.startswith("nanosweep-"))
+    assert left  # its checkpoints' folder: SIGKILL left it
+    code, output = stopped(nanosweep(env, "train", *TRAIN, "--max-iters", "10", "--eval-interval", "5"))
+    assert code == 0, output
+    assert not [p for p in scratch.iterdir() if p.name in left]
+
+
+def test_an_owned_folder_goes_once_its_owner_is_dead_and_never_while_it_lives(tmp_path):
+    mine = OwnedFolder("work-", tmp_path)  # this process lives on
+    make = "import sys, os; from nanosweep.filelocks import OwnedFolder; f = OwnedFolder('work-', sys.argv[1]); "
+    abandoned = subprocess.run(
+        [sys.executable, "-c", make + "print(f.path, flush=True); os.kill(os.getpid(), 9)", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert Path(abandoned).is_dir()  # SIGKILL: its owner never removed it
+    later = subprocess.run(
+        [sys.executable, "-c", make + "print(f.path); f.remove()", str(tmp_path)], capture_output=True, text=True
+    )
+    assert later.returncode == 0, later.stderr
+    assert not Path(abandoned).exists() and not Path(later.stdout.strip()).exists()
+    assert mine.path.is_dir()  # its owner lives: left alone
+    mine.remove()
+    assert not mine.path.exists()

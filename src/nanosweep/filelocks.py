@@ -1,7 +1,7 @@
 """Files that must come out right when processes run at once and any of them may be killed at any moment: a SQLite
-database created exactly once and whole.
+database created exactly once and whole, and scratch folders that never outlive their owner.
 
-It rests on flock(2), which the kernel releases when its holder dies, even by SIGKILL: so "the lock is free"
+Both rest on flock(2), which the kernel releases when its holder dies, even by SIGKILL: so "the lock is free"
 means "nobody is working on this", and nothing is judged by process ids or by time.
 """
 
@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,3 +59,49 @@ def create_once(path: Path, build: Callable[[Path], None]) -> bool:
         build(tmp)
         os.replace(tmp, path)
     return True
+
+
+def _remove(path: Path, fd: int) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.close(fd)
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the folders prefix* in parent whose owner is gone: nobody holds their lock."""
+    with _locked(parent, fcntl.LOCK_EX):  # no folder is between its creation and its lock meanwhile
+        for folder in parent.glob(f"{prefix}*"):
+            try:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:  # not a folder, or gone already
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its owner lives
+                os.close(fd)
+                continue
+            _remove(folder, fd)
+
+
+class OwnedFolder:
+    """A new scratch folder prefix*/ in parent (default: the temporary directory), locked while this process holds
+    it and removed by remove(), at garbage collection or at exit. One that a killed process left behind is removed
+    by the next OwnedFolder made with the same prefix in the same parent."""
+
+    def __init__(self, prefix: str, parent: Path | None = None) -> None:
+        parent = Path(parent or tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        with _locked(parent, fcntl.LOCK_SH):  # shared between creators, exclusive for _remove_abandoned
+            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        self._finalizer = weakref.finalize(self, _remove, self.path, fd)
+        _remove_abandoned(parent, prefix)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from sqlalchemy.engine import make_url
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import PreparedData, prepare
 from nanosweep.executors import Executor, TrialLaunch, make_executor
-from nanosweep.filelocks import create_once, sqlite_file
+from nanosweep.filelocks import OwnedFolder, create_once, sqlite_file
 from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage
 from nanosweep.space import SearchSpace, load_space
 from nanosweep.sweep import (
@@ -227,7 +225,7 @@ class Driver:
         self.parent_id = parent_id
         self.experiment_id = run_experiment_id(parent_id)
         self.prepared = prepare(opts.input_path)  # run_search prepared it already: this checks and reads it
-        self.log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
+        self.logs = OwnedFolder("nanosweep-logs-")
         self.active: dict[str, Active] = {}  # run id -> trial
         self.failed: list[str] = []  # run names of trials that failed or were left KILLED in this invocation
         self.exhausted = False
@@ -250,7 +248,7 @@ class Driver:
     def start(self, executor: Executor, number: int, trial_id: int, run_id: str, cfg: TrainConfig) -> None:
         argv = trial_argv(run_id, cfg, self.study, trial_id, self.storage, self.opts.pruner)
         name = f"trial{number:04d}-{cfg.run_name}"
-        executor.start(TrialLaunch((run_id,), name, argv, self.log_dir / f"{name}.log"))
+        executor.start(TrialLaunch((run_id,), name, argv, self.logs.path / f"{name}.log"))
         self.active[run_id] = Active(number, cfg)
 
     def run(self, executor: Executor, resume: list[FrozenTrial], new: int, progress: Progress) -> None:
@@ -375,11 +373,8 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
 
     driver = Driver(opts, space, study, storage, parent.run_id)
     started = time.monotonic()
-    try:
-        with supervise_trials(name, executor, parent, stream):
-            driver.run(executor, resume, new, progress)
-    finally:
-        shutil.rmtree(driver.log_dir, ignore_errors=True)
+    with driver.logs, supervise_trials(name, executor, parent, stream):
+        driver.run(executor, resume, new, progress)
 
     summary = format_trials(study, space)
     stream.write(summary + "\n")

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ from typing import Any, TextIO
 
 from nanosweep.data import prepare
 from nanosweep.executors import STOP_GRACE_SECONDS, Executor, TrialExit, TrialLaunch, make_executor
+from nanosweep.filelocks import OwnedFolder
 from nanosweep.grid import GridPoint, expand, load_members
 from nanosweep.stopping import Interrupted, signal_name, stop_signals
 from nanosweep.tracking import (
@@ -424,14 +423,10 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         fused = f" in {len(groups)} fused group(s)" if len(groups) < sum(p.launches for p in plans) else ""
         progress.report(f"{name}: {len(plans)} grid points{fused}, {executor.capacity} at a time on {executor.where}")
 
-        log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
         started = time.monotonic()
         by_run: dict[str, PlannedTrial] = {}
-        try:
-            with supervise_trials(name, executor, parent, stream):
-                _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
-        finally:
-            shutil.rmtree(log_dir, ignore_errors=True)
+        with OwnedFolder("nanosweep-logs-") as log_dir, supervise_trials(name, executor, parent, stream):
+            _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
 
         summary = format_table(plans, with_results=True)
         failed = [p for p in plans if p.launches and p.status != "FINISHED"]

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +23,7 @@ from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
 from mlflow.tracking.context.registry import resolve_tags
 
 from nanosweep.checkpoint import load_checkpoint, mismatch, save_checkpoint
-from nanosweep.filelocks import create_once, database_exists, sqlite_file
+from nanosweep.filelocks import OwnedFolder, create_once, database_exists, sqlite_file
 from nanosweep.stopping import Interrupted, signal_name, stop_signals
 
 if TYPE_CHECKING:
@@ -405,7 +404,7 @@ class TrackedRun:
         self._flush_error: BaseException | None = None  # a timer flush that failed, re-raised by flush_and_wait
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
-        self._scratch = tempfile.TemporaryDirectory(prefix="nanosweep-")
+        self._scratch: OwnedFolder | None = None  # made when a checkpoint passes through, removed at the end
         self._last_step: dict[str, int] | None = None  # read on the first metric logged
         self._monitor: Any = None  # system metrics, for runs on a GPU
         self.ended = False  # finish() has set the run's final status
@@ -435,6 +434,13 @@ class TrackedRun:
 
     def info(self) -> Any:
         return self.client.get_run(self.run_id)
+
+    @property
+    def scratch(self) -> Path:
+        """This process's folder for the run's checkpoints on their way to and from the store."""
+        if self._scratch is None:
+            self._scratch = OwnedFolder("nanosweep-run-")
+        return self._scratch.path
 
     def monitor_system(self) -> None:
         """Log MLflow's system metrics (GPU utilisation and memory, CPU, ...) every 10 s until the run ends."""
@@ -500,7 +506,7 @@ class TrackedRun:
         """Save ckpt.pt and upload it in the background; at most one upload is in flight."""
         self.flush()
         self.wait_for_upload()
-        folder = Path(self._scratch.name) / f"iter{checkpoint['iter_num']}"
+        folder = self.scratch / f"iter{checkpoint['iter_num']}"
         folder.mkdir()
         path = folder / CHECKPOINT
         save_checkpoint(checkpoint, path)
@@ -555,7 +561,7 @@ class TrackedRun:
         if CHECKPOINT not in names:
             return None
         local = mlflow.artifacts.download_artifacts(
-            run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=self._scratch.name
+            run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=str(self.scratch)
         )
         try:
             checkpoint = load_checkpoint(local)
@@ -613,4 +619,5 @@ class TrackedRun:
                     self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
                 self.ended = True
                 open_runs.discard(self.run_id)
-                self._scratch.cleanup()
+                if self._scratch is not None:
+                    self._scratch.remove()
