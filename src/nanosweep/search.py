@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,6 +41,7 @@ from nanosweep.tracking import (
     END_REASON_TAG,
     PROFILE_TAG,
     RUN_KIND_TAG,
+    Claims,
     TrackedRun,
     alive,
     ensure_experiment,
@@ -191,9 +193,14 @@ def reject(study: optuna.Study, trial: optuna.trial.Trial, reason: str) -> None:
 
 
 def ask(
-    study: optuna.Study, space: SearchSpace, prepared: PreparedData, seen: dict[str, int]
+    study: optuna.Study,
+    space: SearchSpace,
+    prepared: PreparedData,
+    seen: dict[str, int],
+    claim: Callable[[TrainConfig], str | None],
 ) -> tuple[optuna.trial.Trial, TrainConfig] | None:
-    """A new proposal that trains a configuration no launched trial has, or None when the space is used up."""
+    """A new proposal that trains a configuration no launched trial has and that claim gets for this search (it
+    says why not), or None when the space is used up."""
     for _ in range(MAX_REJECTIONS):
         trial = study.ask(space.params)
         try:
@@ -204,6 +211,10 @@ def ask(
             continue
         if cfg.config_hash in seen:
             reject(study, trial, f"duplicate of trial {seen[cfg.config_hash]}")
+            continue
+        taken = claim(cfg)
+        if taken:
+            reject(study, trial, f"duplicate: {taken}")
             continue
         return trial, cfg
     return None
@@ -220,8 +231,10 @@ class Active:
 class Driver:
     """One invocation of a search: launch trials into free slots, tell Optuna how each ended."""
 
-    def __init__(self, opts: SearchOptions, space: SearchSpace, study: optuna.Study, storage: str, parent_id: str):
-        self.opts, self.space, self.study, self.storage = opts, space, study, storage
+    def __init__(
+        self, opts: SearchOptions, space: SearchSpace, study: optuna.Study, storage: str, parent_id: str, claims: Claims
+    ):
+        self.opts, self.space, self.study, self.storage, self.claims = opts, space, study, storage, claims
         self.parent_id = parent_id
         self.experiment_id = run_experiment_id(parent_id)
         self.prepared = prepare(opts.input_path)  # run_search prepared it already: this checks and reads it
@@ -245,6 +258,14 @@ class Driver:
         trial.set_user_attr(CONFIG_HASH_ATTR, cfg.config_hash)
         return run.run_id
 
+    def claim(self, cfg: TrainConfig) -> str | None:
+        """Claim cfg's configuration for this search; why not, when another search has it (README, "Claims")."""
+        point = (self.experiment_id, f"{SEARCH_TAG}-{self.space.name}", cfg.config_hash)
+        holder = self.claims.holder(*point)
+        if holder in (None, self.parent_id):
+            holder = self.claims.take(*point, self.parent_id)
+        return None if holder == self.parent_id else f"claimed by the search of run {holder}"
+
     def start(self, executor: Executor, number: int, trial_id: int, run_id: str, cfg: TrainConfig) -> None:
         argv = trial_argv(run_id, cfg, self.study, trial_id, self.storage, self.opts.pruner)
         name = f"trial{number:04d}-{cfg.run_name}"
@@ -260,11 +281,16 @@ class Driver:
                 if queue:
                     trial = queue.pop(0)
                     cfg, number, trial_id = self.space.config(trial.params), trial.number, trial._trial_id
+                    taken = self.claim(cfg)
+                    if taken:  # another search resumes it
+                        progress.skipped += 1
+                        progress.report(f"trial {number} busy: {taken}")
+                        continue
                     run_id = trial.user_attrs[RUN_ID_ATTR]
                     adopt(run_id, self.parent_id)
                     how = "resume"
                 else:
-                    proposal = ask(self.study, self.space, self.prepared, seen)
+                    proposal = ask(self.study, self.space, self.prepared, seen, self.claim)
                     if proposal is None:
                         self.exhausted = True
                         progress.report(f"{MAX_REJECTIONS} proposals in a row were duplicates or invalid: stopping")
@@ -340,6 +366,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
     experiment_id = run_experiment_id(attached) if attached else ensure_experiment(opts.experiment)
     end_stale_sweeps([experiment_id], keep=attached, kind="search")
+    claims = Claims()  # before the runs (README, "Claims: one driver per point")
     resume, busy = settle(study)
     target = int(min(opts.trials, space.size))
     ended = len(launched(study)) - len(resume) - len(busy)
@@ -371,7 +398,7 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
         f"{ended} ended, {len(resume)} to resume, {new} new, {executor.capacity} at a time"
     )
 
-    driver = Driver(opts, space, study, storage, parent.run_id)
+    driver = Driver(opts, space, study, storage, parent.run_id, claims)
     started = time.monotonic()
     with driver.logs, supervise_trials(name, executor, parent, stream):
         driver.run(executor, resume, new, progress)

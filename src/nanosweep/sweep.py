@@ -36,6 +36,7 @@ from nanosweep.tracking import (
     PROFILE_TAG,
     RUN_KIND_TAG,
     CheckpointUnreadable,
+    Claims,
     Heartbeat,
     TrackedRun,
     alive,
@@ -132,8 +133,11 @@ def study_runs(experiment_ids: list[str]) -> list[Any]:
     )
 
 
-def plan(points: list[GridPoint], runs: list[Any]) -> list[PlannedTrial]:
-    """Decide per grid point, from the study runs already there with the same config hash and profile."""
+def plan(
+    points: list[GridPoint], runs: list[Any], claims: Claims | None = None, experiment_id: str | None = None
+) -> list[PlannedTrial]:
+    """Decide per grid point, from the study runs already there with the same config hash and profile, and from
+    the claims on the points in experiment_id (a point another live driver claimed is busy)."""
     existing: dict[tuple[str, str], list[Any]] = {}
     for run in runs:
         key = (run.data.tags.get(CONFIG_HASH_TAG, ""), run.data.tags.get(PROFILE_TAG, ""))
@@ -158,6 +162,10 @@ def plan(points: list[GridPoint], runs: list[Any]) -> list[PlannedTrial]:
             where = f"on {tags[HOST_TAG]}, " if HOST_TAG in tags else ""
             note = f"running {where}heartbeat {heartbeat_age(tags):.0f}s ago"
             plans.append(PlannedTrial(point, "busy", live[0].info.run_id, note, "RUNNING"))
+            continue
+        holder = claims and experiment_id and claims.holder(experiment_id, point.profile, point.config.config_hash)
+        if holder:
+            plans.append(PlannedTrial(point, "busy", None, f"claimed by the driver of run {holder}"))
             continue
         cut_off = [r for r in runs if r.info.status in ("RUNNING", "KILLED")]
         if cut_off:
@@ -293,9 +301,21 @@ def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progres
     return again
 
 
+def _claim(planned: PlannedTrial, claims: Claims, experiment_id: str, parent_id: str, progress: Progress) -> bool:
+    """Claim the point before launching it; one that another driver claimed first is busy, that driver's."""
+    holder = claims.take(experiment_id, planned.point.profile, planned.point.config.config_hash, parent_id)
+    if holder == parent_id:
+        return True
+    planned.action, planned.note = "busy", f"claimed by the driver of run {holder}"
+    progress.skipped += 1
+    progress.report(f"{planned.point.config.run_name} busy: another driver (run {holder}) claimed it first")
+    return False
+
+
 def _drive(
     groups: list[list[PlannedTrial]],
     executor: Executor,
+    claims: Claims,
     experiment_id: str,
     parent_id: str,
     progress: Progress,
@@ -303,12 +323,14 @@ def _drive(
     by_run: dict[str, PlannedTrial],
     fuse: int,
 ) -> None:
-    """Run the groups; by_run collects every run started, for the shutdown to check."""
+    """Run the groups, each point claimed first; by_run maps every run started to its plan."""
     queue = deque(groups)
     started = 0
     while queue or executor.running():
         while queue and len(executor.running()) < executor.capacity:
-            group = queue.popleft()
+            group = [p for p in queue.popleft() if _claim(p, claims, experiment_id, parent_id, progress)]
+            if not group:
+                continue
             for planned in group:
                 if planned.run_id is None:
                     planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
@@ -386,8 +408,12 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
     elif store_missing():  # nothing tracked yet, so every point would run; a dry run creates no store
         return _report_dry_run(plan(points, []), stream)
     scope = study_scope(opts.experiment)
+    claims = Claims()  # before the runs (README, "Claims: one driver per point")
     runs = study_runs(scope.ids)
-    plans = plan(points, runs)
+    members_swept = {point.member for point in points}
+    holders = {r.info.experiment_id for r in runs if r.data.tags.get(MEMBER_TAG) in members_swept}
+    experiment_id = scope.home(holders, f"member {opts.member!r}", create=not opts.dry_run)
+    plans = plan(points, runs, claims, experiment_id)
     if opts.dry_run:
         return _report_dry_run(plans, stream)
 
@@ -397,9 +423,6 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         stream.write(format_table(plans, with_results=True) + "\n")
         stream.write(f"{name}: nothing to run: every grid point is finished or running elsewhere\n")
         return 0
-    members_swept = {point.member for point in points}
-    holders = {r.info.experiment_id for r in runs if r.data.tags.get(MEMBER_TAG) in members_swept}
-    experiment_id = scope.home(holders, f"member {opts.member!r}")
     # before any run is written: an executor that cannot serve this sweep (a file store for a cluster) refuses here
     executor = make_executor(opts.executor, opts.workers, opts.trials_per_gpu, opts.input_path, opts.ray_address)
     with contextlib.closing(executor):
@@ -426,7 +449,7 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         started = time.monotonic()
         by_run: dict[str, PlannedTrial] = {}
         with OwnedFolder("nanosweep-logs-") as log_dir, supervise_trials(name, executor, parent, stream):
-            _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
+            _drive(groups, executor, claims, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
 
         summary = format_table(plans, with_results=True)
         failed = [p for p in plans if p.launches and p.status != "FINISHED"]
