@@ -13,8 +13,11 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from nanosweep.tracking import Claims, ensure_experiment
+from conftest import heartbeat_stopped
+from nanosweep.grid import expand, load_members
+from nanosweep.tracking import HEARTBEAT_ENV, Claims, ensure_experiment
 from test_search import PATIENCE, write_space
+from test_sweep import wait_for
 
 TWO_POINTS = """\
 member: tiny
@@ -112,3 +115,37 @@ def test_two_searches_of_one_study_started_together_never_train_a_configuration_
     trained = Counter(r.data.tags["config_hash"] for r in trials)
     assert len(trained) == 4 and set(trained.values()) == {1}, outputs  # every configuration, each once
     assert {r.info.status for r in trials} == {"FINISHED"}
+
+
+CLAIM_AND_DIE = """\
+import os, sys
+import mlflow
+from nanosweep.tracking import Claims, TrackedRun
+mlflow.set_tracking_uri(sys.argv[1])
+parent = TrackedRun.create(sys.argv[2], "sweep-tiny-full", {"run_kind": "sweep"})
+Claims().take(sys.argv[2], "full", sys.argv[3], parent.run_id)
+print(parent.run_id, flush=True)
+os.kill(os.getpid(), 9)  # a driver killed right after it claimed, before it made a run
+"""
+
+
+def test_a_driver_killed_right_after_claiming_a_point_blocks_it_only_while_its_heartbeat_is_fresh(
+    store, tmp_path, monkeypatch
+):
+    sweeps_dir = tmp_path / "two-points"
+    sweeps_dir.mkdir()
+    (sweeps_dir / "tiny.yaml").write_text(TWO_POINTS)
+    claimed, other = expand(load_members(sweeps_dir, "tiny")[0], "full")
+    monkeypatch.setenv(HEARTBEAT_ENV, "5")  # stale after 20 s here and in every process: fresh at first
+    argv = [sys.executable, "-c", CLAIM_AND_DIE, store, ensure_experiment("nanosweep"), claimed.config.config_hash]
+    driver = subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+    sweep = [sys.executable, "-m", "nanosweep", "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir)]
+    planned = subprocess.run([*sweep, "--dry-run"], capture_output=True, text=True)
+    assert f"{claimed.config.run_name:<40} busy    claimed by the driver of run {driver}" in planned.stderr
+    wait_for(lambda: heartbeat_stopped(driver))  # now it is dead wherever it ran
+    swept = subprocess.run(sweep, capture_output=True, text=True)
+    assert swept.returncode == 0, swept.stderr
+    runs = MlflowClient().search_runs([ensure_experiment("nanosweep")], max_results=100)
+    trials = Counter(r.data.tags["config_hash"] for r in runs if r.data.tags.get("run_kind") == "trial")
+    assert trials == {claimed.config.config_hash: 1, other.config.config_hash: 1}  # each trained once
+    assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}  # the dead driver's parent: KILLED

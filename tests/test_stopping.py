@@ -1,6 +1,7 @@
 """SIGTERM and Ctrl-C at every moment a command holds a run: no run is left RUNNING, nothing is left behind (issue
 17). Each window is reached by waiting for its run (or file) to appear in the store, then signalling at once."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 
 from conftest import TINY_MEMBER
 from nanosweep.filelocks import OwnedFolder
+from nanosweep.stopping import Interrupted, stop_signals
 from nanosweep.tracking import ensure_experiment
 from test_analysis import log_study
 from test_importer import SWEEPS, study_folder
@@ -119,6 +121,22 @@ def test_sigterm_during_import_results_ends_the_run_being_imported_killed(user_e
     assert_none_running()
     assert {r.info.status for r in all_runs()} <= {"FINISHED", "KILLED"}
     assert code == 130 and "the runs imported so far stay; rerun to import the rest" in output, output
+
+
+class SignalledWhileCollected:
+    """An object whose __del__ (run by the garbage collector, where Python discards exceptions) receives SIGTERM."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs between these bytecodes, inside __del__
+            time.sleep(0.001)
+
+
+def test_a_stop_signal_that_lands_where_python_discards_exceptions_still_stops_the_command():
+    with pytest.raises(Interrupted, match="SIGTERM"), stop_signals.installed():
+        SignalledWhileCollected()  # collected at once
+        for _ in range(1000):
+            time.sleep(0.001)  # the stop comes here at the latest
 
 
 def test_a_resumed_run_that_finishes_keeps_no_end_reason_of_its_earlier_process(user_env):

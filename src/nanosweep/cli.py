@@ -357,7 +357,7 @@ def analyze_command(
     """Results CSVs, rankings, main effects, plots and a report from the finished runs in the store."""
     from nanosweep.analyze import analyze, summary
 
-    uri = connect(tracking_uri, must_exist=True)
+    uri = connect(tracking_uri, must_exist=search is None)  # a search's analysis reads its study alone
     if search is not None:
         from nanosweep.search import study_storage
         from nanosweep.search_report import analyze_search

@@ -64,6 +64,7 @@ HEARTBEAT_TAG = "nanosweep.heartbeat"
 HEARTBEAT_ENV = "NANOSWEEP_HEARTBEAT_SECONDS"  # the beat; the same on every machine of a study
 DEFAULT_HEARTBEAT_SECONDS = 15.0
 STALE_BEATS = 4  # missed beats before a run counts as dead: 60 s by default
+STALLED_SECONDS = 10.0  # a half-made SQLite store nobody has written to for this long is no creation in progress
 
 
 def heartbeat_seconds() -> float:
@@ -177,28 +178,49 @@ def connect(tracking_uri: str | None = None, must_exist: bool = False) -> str:
 
 
 def check_store_is_whole(store: Path) -> None:
-    """Refuse a SQLite store whose creation was cut off (a kill, or two processes creating it at once, before
-    ensure_store): its schema is short of MLflow's and it holds no runs. A store of another MLflow version that holds
-    runs is left to MLflow, which upgrades or names it."""
+    """Refuse a SQLite store left half-made: its creation was cut off (a kill, or processes creating it at once, by
+    MLflow itself or before ensure_store), so its schema is short of MLflow's, and it holds no runs. One that another
+    process is making at this moment (say `mlflow ui`, started at the same time) is waited for: a store is judged only
+    once nobody has written to it for STALLED_SECONDS. One of another MLflow version that holds runs is left to
+    MLflow, which upgrades or names it."""
     from mlflow.store.db.utils import _get_latest_schema_revision  # MLflow's own check of a store's schema
 
+    head = _get_latest_schema_revision()
+    seen, still_since = None, time.monotonic()
+    while True:
+        state = _store_schema(store)
+        if state is None:
+            return  # not a SQLite database at all: MLflow says so
+        revision, tables, runs, writing = state
+        if revision == head or runs:
+            return
+        if writing or (revision, tables) != seen:
+            seen, still_since = (revision, tables), time.monotonic()
+        elif time.monotonic() - still_since >= STALLED_SECONDS:
+            raise TrackingError(
+                f"tracking store {store.resolve()} was left half-made (schema revision {revision or 'none'}, MLflow "
+                f"{mlflow.__version__} makes {head}) and holds no runs: its creation was cut off by a kill or by "
+                f"another process creating it at the same time. Delete it (rm {store}) and run again: the store is "
+                "then made whole, once"
+            )
+        time.sleep(0.2)
+
+
+def _store_schema(store: Path) -> tuple[str | None, int, int, bool] | None:
+    """(alembic revision, tables, runs, someone writing to it now) of a SQLite store; None when it is no database."""
     try:
-        with contextlib.closing(sqlite3.connect(store)) as db:  # rolls back what a killed writer left half-done
+        with contextlib.closing(sqlite3.connect(store, timeout=1)) as db:  # rolls back a killed writer's journal
+            db.execute("BEGIN IMMEDIATE")  # at once, unless another process is writing to it (making it) now
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             versions = db.execute("SELECT version_num FROM alembic_version") if "alembic_version" in tables else []
             revision = next((version for (version,) in versions), None)
             runs = db.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
-    except sqlite3.Error:
-        return  # not a SQLite database at all: MLflow says so
-    head = _get_latest_schema_revision()
-    if revision != head and not runs:
-        found = revision or "none"
-        raise TrackingError(
-            f"tracking store {store.resolve()} was left half-made (schema revision {found}, MLflow "
-            f"{mlflow.__version__} makes {head}) and holds no runs: its creation was cut off by a kill or by "
-            f"another process creating it at the same time. Delete it (rm {store}) and run again: the store is "
-            "then made whole, once"
-        )
+            db.rollback()
+    except sqlite3.OperationalError:  # locked: it is being written to
+        return None, 0, 0, True
+    except sqlite3.DatabaseError:  # not a SQLite database at all
+        return None
+    return revision, len(tables), runs, False
 
 
 def ensure_store() -> None:
@@ -206,8 +228,8 @@ def ensure_store() -> None:
     concurrent first use and a kill at any moment leave no store or a complete one. A server migrates its own.
     Commands that write call this once their input is checked, so a refused command creates no store."""
     store = sqlite_file(mlflow.get_tracking_uri())
-    if store is not None:
-        create_once(store, _build_sqlite_store)
+    if store is not None and not create_once(store, _build_sqlite_store):
+        check_store_is_whole(store)  # made by someone else since connect looked: perhaps by MLflow, not whole yet
 
 
 def store_missing() -> bool:
