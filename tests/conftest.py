@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import mlflow
@@ -86,6 +87,21 @@ def sweeps_dir(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "tiny.yaml").write_text(TINY_MEMBER % (10, 10))
     return folder
+
+
+@pytest.fixture
+def user_env(store: str, tmp_path: Path) -> dict[str, str]:
+    """A user's shell: the tiny member in a sweeps folder, the venv on PATH, no experiment named anywhere, and the
+    store made (tests poll it beside the processes they start)."""
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir(exist_ok=True)
+    (sweeps / "tiny.yaml").write_text(TINY_MEMBER % (10, 10))
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "NANOSWEEP_SWEEPS_DIR": str(sweeps), "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        env.pop(name, None)
+    mlflow.MlflowClient().search_experiments()
+    return env
 
 
 class Recorder:

@@ -4,7 +4,9 @@ import itertools
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from nanosweep.cli import main
 from nanosweep.grid import GridError, expand, load_member, load_members
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
@@ -170,3 +172,17 @@ def test_more_than_a_hundred_thousand_runs_are_refused_before_anything_is_expand
     path = write(tmp_path, f"grid: {{max_iters: [{levels}], top_k: [{levels}]}}\n")
     with pytest.raises(GridError, match=r"160000 grid point\(s\) x repeats=1 is 160,000 runs"):
         expand(load_member(path), "full")
+
+
+def test_two_member_files_with_one_member_name_are_refused_naming_both(tmp_path, monkeypatch):
+    first, second = tmp_path / "tiny.yaml", tmp_path / "tiny_copy.yaml"
+    first.write_text("member: tiny\ngrid: {n_head: [4]}\n")
+    second.write_text("member: tiny\ngrid: {n_head: [2]}\n")  # a copy renamed, its member name kept
+    message = f"member name 'tiny' is used by {first} and {second}: give each member file its own `member:` name"
+    for name in ("tiny", "all"):
+        with pytest.raises(GridError) as error:
+            load_members(tmp_path, name)
+        assert str(error.value) == message
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["sweep", "--member", "tiny", "--sweeps-dir", str(tmp_path), "--dry-run"])
+    assert (result.exit_code, result.output) == (1, f"Error: {message}\n")

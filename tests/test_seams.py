@@ -38,19 +38,6 @@ TRAIN_ARGS = [
 ]
 
 
-@pytest.fixture
-def user_env(store, tmp_path):
-    """A user's shell: the member file in a sweeps folder, the venv on PATH, no experiment named anywhere."""
-    sweeps = tmp_path / "sweeps"
-    sweeps.mkdir()
-    (sweeps / "tiny.yaml").write_text(TINY_MEMBER % (10, 10))
-    env = {**os.environ, "NANOSWEEP_SWEEPS_DIR": str(sweeps), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        env.pop(name, None)
-    MlflowClient().search_experiments()  # the store exists before the test polls it beside a sweep creating it
-    return env
-
-
 def nanosweep(env: dict, *args: str, **popen) -> subprocess.Popen:
     argv = [sys.executable, "-m", "nanosweep", *args]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)

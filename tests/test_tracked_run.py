@@ -10,18 +10,17 @@ import time
 from pathlib import Path
 
 import mlflow
-import torch
 import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from conftest import tiny_config
-from nanosweep.checkpoint import load_checkpoint, save_checkpoint
+from nanosweep.checkpoint import load_checkpoint
 from nanosweep.cli import main
 from nanosweep.config import TrainConfig
 from nanosweep.data import SHA256
 from nanosweep.tracking import TrackedRun, ensure_experiment
-from nanosweep.trial import run_trial
+from nanosweep.trial import run_trial, trial_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,30 +104,35 @@ def test_sigterm_ends_the_run_killed_with_its_reason_and_checkpoint(store):
     assert "ckpt.pt" in artifact_paths(client, run.info.run_id)
 
 
-def test_a_run_that_fails_ends_failed_with_the_error(store, tmp_path):
-    # a run holding a checkpoint of another architecture cannot be resumed: training fails, loudly
+def test_a_checkpoint_that_is_not_the_runs_fails_that_run_alone_and_its_fused_siblings_finish(store, tmp_path):
     experiment_id = ensure_experiment("nanosweep")
-    run = TrackedRun.create(experiment_id, "mismatched", {})
-    other = torch.nn.Linear(3, 3)
-    bogus = {
-        "model": other.state_dict(),
-        "optimizer": {},
-        "iter_num": 10,
-        "best_val_loss": 9.0,
-        "rng": {},
-        "eval_losses": {},
+    group = [tiny_config(max_iters=10, eval_interval=5, seed=seed) for seed in (1, 2, 3, 4)]  # one fusion key
+    others = {  # loadable checkpoints of other trainings, for the first three runs
+        0: (tiny_config(n_embd=16, max_iters=5, eval_interval=5), "model_args {"),  # another shape
+        1: (tiny_config(max_iters=20, eval_interval=20, seed=2), "iter_num=20, outside the run's 0..max_iters=10"),
+        2: (tiny_config(max_iters=10, eval_interval=5, seed=3, learning_rate=1e-3), "trained with config hash"),
     }
-    save_checkpoint(bogus, tmp_path / "ckpt.pt")
-    run.log_file(tmp_path / "ckpt.pt")
-    try:
-        run_trial(tiny_config(), "nanosweep", run_id=run.run_id)
-    except ValueError as exc:
-        assert "state dict does not fit" in str(exc)
-    else:
-        raise AssertionError("training from a mismatched checkpoint should fail")
-    finished = MlflowClient().get_run(run.run_id)
-    assert finished.info.status == "FAILED"
-    assert finished.data.tags["nanosweep.end_reason"].startswith("ValueError: state dict does not fit")
+    runs = [TrackedRun.create(experiment_id, cfg.run_name, {}) for cfg in group]
+    for index, (cfg, _) in others.items():
+        donor = run_trial(cfg, "others")
+        local = mlflow.artifacts.download_artifacts(run_id=donor, artifact_path="ckpt.pt", dst_path=str(tmp_path))
+        runs[index].log_file(Path(local))
+    argv = [sys.executable, "-m", "nanosweep", "train-group"]
+    for cfg, run in zip(group, runs):
+        argv += ["--trial", trial_spec(cfg, run.run_id)]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    client = MlflowClient()
+    sibling = client.get_run(runs[3].run_id)
+    assert sibling.info.status == "FINISHED", sibling.data.tags.get("nanosweep.end_reason")
+    assert sorted(m.step for m in client.get_metric_history(runs[3].run_id, "val_loss")) == [0, 5, 10]
+    for index, (_, why) in others.items():
+        refused = client.get_run(runs[index].run_id)
+        reason = refused.data.tags["nanosweep.end_reason"]
+        assert refused.info.status == "FAILED", reason
+        assert reason.startswith(f"CheckpointUnreadable: ckpt.pt of run {runs[index].run_id} is another training's (")
+        assert why in reason and reason.endswith("): its training cannot continue in this run")
+        assert "val_loss" not in refused.data.metrics  # nothing trained into it
 
 
 def test_a_finished_run_is_never_trained_again(store):

@@ -6,11 +6,7 @@ so an interrupted analysis never leaves a half-written CSV or report behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +15,7 @@ import pandas as pd
 
 from nanosweep import plots, report
 from nanosweep.analysis import Findings, combined_csv, findings, results_csv, study_folder, table_csv
+from nanosweep.filelocks import OwnedFolder
 from nanosweep.query import as_scope, histories, select
 from nanosweep.tracking import (
     MEMBER_TAG,
@@ -43,30 +40,23 @@ class Analysis:
     run_id: str | None  # the analysis run, when logged
 
 
-@contextlib.contextmanager
-def staging(out: Path) -> Iterator[Path]:
-    """A scratch folder inside out (same file system, so the final moves are renames), removed afterwards."""
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".analysis-", dir=out))
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+def staging(out: Path) -> OwnedFolder:
+    """A scratch folder .analysis-*/ inside out (same file system, so the final moves are renames), removed at the
+    end of its `with` block; one that a killed analysis left behind goes when the next one starts."""
+    return OwnedFolder(".analysis-", out)
 
 
 def publish(stage: Path, out: Path) -> list[Path]:
     """Move every staged file into out: a staged analysis-* folder replaces the old one whole (no stale plots)."""
     moved = []
-    for entry in sorted(stage.iterdir()):
+    replaced = stage / ".replaced"  # old analysis folders, removed with the stage
+    for entry in sorted(p for p in stage.iterdir() if p != replaced):
         target = out / entry.name
         if entry.name.startswith("analysis-"):
             if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=".old-", dir=out))
-                os.replace(target, old / entry.name)
-                os.replace(entry, target)
-                shutil.rmtree(old)
-            else:
-                os.replace(entry, target)
+                replaced.mkdir(exist_ok=True)
+                os.replace(target, replaced / entry.name)
+            os.replace(entry, target)
             moved += sorted(p for p in target.rglob("*") if p.is_file())
         else:  # a member's study folder: download may keep checkpoints and samples there
             for source in sorted(p for p in entry.rglob("*") if p.is_file()):
@@ -133,18 +123,16 @@ def log_analysis_run(stage: Path, experiment_id: str, label: str, f: Findings, r
     tags = {RUN_KIND_TAG: "analysis", MEMBER_TAG: label, PROFILE_TAG: profile}
     if run_id:
         run = TrackedRun(run_id)
+        run.take_over()
         run.set_tags({"mlflow.runName": f"analysis-{label}", **tags})
     else:
         run = TrackedRun.create(experiment_id, f"analysis-{label}", tags)
-    try:
-        run.log_params({"member": label, "profile": profile, "runs": len(f.runs), "members": ",".join(f.members)})
-        run.log_metrics({"best_val_loss": float(f.runs["val_loss"].min()), "runs": len(f.runs)}, step=0)
-        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-            parent = path.parent.relative_to(stage).as_posix()
-            run.log_file(path, None if parent == "." else parent)
-    except BaseException as exc:
-        run.finish("FAILED", f"{type(exc).__name__}: {exc}")
-        raise
+    # an error or a stop signal from here on ends the run FAILED or KILLED with the command (tracking.open_runs)
+    run.log_params({"member": label, "profile": profile, "runs": len(f.runs), "members": ",".join(f.members)})
+    run.log_metrics({"best_val_loss": float(f.runs["val_loss"].min()), "runs": len(f.runs)}, step=0)
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        parent = path.parent.relative_to(stage).as_posix()
+        run.log_file(path, None if parent == "." else parent)
     run.finish("FINISHED")
     return run.run_id
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanosweep.config import DATASET, TrainConfig
+from nanosweep.config import DATASET, ConfigError, TrainConfig
 from nanosweep.model import GPT, GPTConfig
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def make_checkpoint(
@@ -46,6 +49,29 @@ def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with weights_only=True: a checkpoint from a shared store must not run code."""
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def mismatch(checkpoint: dict[str, Any], cfg: TrainConfig, model: GPT) -> str | None:
+    """How a checkpoint differs from the run it would resume (cfg, built as model), or None when it is the run's
+    own: its architecture, every weight's shape, an iteration within max_iters, and the config it was trained with."""
+    expected_args = model.config.to_model_args()
+    if checkpoint["model_args"] != expected_args:
+        return f"model_args {checkpoint['model_args']}, the run's {expected_args}"
+    expected = {name: tuple(weight.shape) for name, weight in model.state_dict().items()}
+    found = {name: tuple(weight.shape) for name, weight in checkpoint["model"].items()}
+    if found != expected:
+        name = min(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        return f"weight {name} of shape {found.get(name)}, the run's {expected.get(name)}"
+    iter_num = checkpoint["iter_num"]
+    if not isinstance(iter_num, int) or not 0 <= iter_num <= cfg.max_iters:
+        return f"iter_num={iter_num!r}, outside the run's 0..max_iters={cfg.max_iters}"
+    try:
+        trained = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in CONFIG_FIELDS})
+    except (ConfigError, TypeError) as exc:
+        return f"its config is not a valid one ({exc})"
+    if trained.config_hash != cfg.config_hash:
+        return f"trained with config hash {trained.config_hash}, the run's is {cfg.config_hash}"
+    return None
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: str | torch.device = "cpu") -> GPT:

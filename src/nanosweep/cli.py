@@ -16,6 +16,7 @@ import click
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import DataError, prepare
 from nanosweep.executors import EXECUTORS, ExecutorError
+from nanosweep.stopping import Interrupted, signal_name, stop_signals
 from nanosweep.tracking import (
     DEFAULT_EXPERIMENT,
     TrackingError,
@@ -23,6 +24,7 @@ from nanosweep.tracking import (
     connect,
     experiment_name,
     first_line,
+    open_runs,
     store_failure,
     study_scope,
 )
@@ -64,6 +66,26 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException(line) from None
 
     return wrapper
+
+
+def stops_cleanly(outcome: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """SIGTERM or Ctrl-C stops the command at whatever moment it comes: every run the command opened ends KILLED
+    (an error ends them FAILED), then it says `outcome` and exits 130."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                with stop_signals.installed(), open_runs.ended_on_exit():
+                    return command(*args, **kwargs)
+            except (Interrupted, KeyboardInterrupt) as exc:
+                name = click.get_current_context().info_name
+                click.echo(f"{name} interrupted ({signal_name(exc)}): {outcome}", err=True)
+                sys.exit(130)
+
+        return wrapper
+
+    return decorate
 
 
 def train_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -141,6 +163,7 @@ def prepare_command(input_path: str | None) -> None:
 @click.option("--optuna-trial-id", type=int, default=None, hidden=True)
 @click.option("--optuna-pruner", default="none", hidden=True)
 @user_errors
+@stops_cleanly("run ended KILLED")
 def train_command(
     input_path: str | None,
     tracking_uri: str | None,
@@ -154,21 +177,17 @@ def train_command(
     **fields: Any,
 ) -> None:
     """Train one configuration as one MLflow run."""
-    from nanosweep.trial import Interrupted, run_trial
+    from nanosweep.trial import run_trial
 
     cfg = TrainConfig(**fields)
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=run_id is not None)  # a new run is made in a new store, once
     new_runs_go_to = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a train run is no grid point: no search
     watch = None
     if optuna_study is not None:  # a search trial; only then is Optuna imported
         from nanosweep.pruning import pruning_observer
 
         watch = pruning_observer(optuna_storage, optuna_study, optuna_trial_id, optuna_pruner)
-    try:
-        run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path, watch=watch)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): run ended KILLED", err=True)
-        sys.exit(130)
+    run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path, watch=watch)
     click.echo(f"{cfg.run_name}: run {run_id} FINISHED")
 
 
@@ -185,22 +204,19 @@ def train_command(
 @input_option
 @tracking_uri_option
 @user_errors
+@stops_cleanly("unfinished runs ended KILLED")
 def train_group_command(
     trials: tuple[str, ...], tags: tuple[str, ...], input_path: str | None, tracking_uri: str | None
 ) -> None:
     """Train existing runs fused in one process, each ending on its own (what a sweep launches per group)."""
-    from nanosweep.trial import Interrupted, parse_trial_spec, run_group
+    from nanosweep.trial import parse_trial_spec, run_group
 
     specs = [parse_trial_spec(text) for text in trials]
     bad = [t for t in tags if "=" not in t]
     if bad:
         raise click.ClickException(f"--tag {bad[0]!r} is not allowed: give KEY=VALUE")
-    connect(tracking_uri)
-    try:
-        statuses = run_group(specs, dict(t.split("=", 1) for t in tags), input_path)
-    except (Interrupted, KeyboardInterrupt) as exc:
-        click.echo(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): unfinished runs ended KILLED", err=True)
-        sys.exit(130)
+    connect(tracking_uri, must_exist=True)
+    statuses = run_group(specs, dict(t.split("=", 1) for t in tags), input_path)
     for cfg, run_id in specs:
         click.echo(f"{cfg.run_name}: run {run_id} {statuses[run_id]}")
     sys.exit(0 if set(statuses.values()) == {"FINISHED"} else 1)
@@ -247,6 +263,7 @@ def train_group_command(
 @tracking_uri_option
 @experiment_option
 @user_errors
+@stops_cleanly("rerun the same command to resume")
 def sweep_command(
     member: str,
     profile: str,
@@ -265,7 +282,6 @@ def sweep_command(
     """Run a member's grid (or all): one child run per grid point under one parent run."""
     from nanosweep.grid import check_profile, default_sweeps_dir
     from nanosweep.sweep import SweepOptions, run_sweep
-    from nanosweep.trial import Interrupted
 
     check_profile(profile)
     if workers < 0 or trials_per_gpu < 1:
@@ -291,13 +307,7 @@ def sweep_command(
         executor=executor,
         ray_address=ray_address,
     )
-    try:
-        sys.exit(run_sweep(opts))
-    except (Interrupted, KeyboardInterrupt) as exc:
-        click.echo(
-            f"sweep interrupted ({exc.args[0] if exc.args else 'SIGINT'}): rerun the same command to resume", err=True
-        )
-        sys.exit(130)
+    sys.exit(run_sweep(opts))
 
 
 @main.command("search")
@@ -312,6 +322,7 @@ def sweep_command(
 @tracking_uri_option
 @experiment_option
 @user_errors
+@stops_cleanly("rerun the same command to continue")
 def search_command(
     space: Path,
     trials: int,
@@ -326,17 +337,11 @@ def search_command(
 ) -> None:
     """Adaptive search with Optuna: one child run per trial under one parent run; rerun to continue."""
     from nanosweep.search import SearchOptions, run_search
-    from nanosweep.trial import Interrupted
 
     connect(tracking_uri)
     experiment = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a search is its own study: no member to find
     opts = SearchOptions(space, trials, sampler, pruner, workers, experiment, storage, sampler_seed, input_path)
-    try:
-        sys.exit(run_search(opts))
-    except (Interrupted, KeyboardInterrupt) as exc:
-        reason = exc.args[0] if exc.args else "SIGINT"
-        click.echo(f"search interrupted ({reason}): rerun the same command to continue", err=True)
-        sys.exit(130)
+    sys.exit(run_search(opts))
 
 
 # --- analysis, artifacts, import and serving: everything read back from the tracking store ---
@@ -378,6 +383,7 @@ out_option = click.option(
 @tracking_uri_option
 @experiment_option
 @user_errors
+@stops_cleanly("nothing was written to --out")
 def analyze_command(
     member: str,
     profile: str,
@@ -391,7 +397,7 @@ def analyze_command(
     """Results CSVs, rankings, main effects, plots and a report from the finished runs in the store."""
     from nanosweep.analyze import analyze, summary
 
-    uri = connect(tracking_uri)
+    uri = connect(tracking_uri, must_exist=search is None)  # a search's analysis reads its study alone
     if search is not None:
         from nanosweep.search import study_storage
         from nanosweep.search_report import analyze_search
@@ -422,7 +428,7 @@ def download_command(
     from nanosweep.artifacts import download, fetch_missing, run_transfers
     from nanosweep.query import find_run, select
 
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=True)
     scope = study_scope(experiment)
 
     def progress(todo: list) -> Any:
@@ -465,7 +471,7 @@ def sample_command(
     if prompt.startswith("FILE:"):
         prompt = read_text(Path(prompt[5:]))
     sampling = SampleSettings(prompt=prompt, **settings)  # refused before the store is touched
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=True)
     run_id, name = find_run(study_scope(experiment), name_or_id)
     model, vocab = load_run_model(run_id, device)
     click.echo(f"# {name} (run {run_id})", err=True)
@@ -480,6 +486,7 @@ def sample_command(
 @tracking_uri_option
 @experiment_option
 @user_errors
+@stops_cleanly("the runs imported so far stay; rerun to import the rest")
 def import_results_command(
     folder: Path,
     member: str | None,
@@ -524,7 +531,7 @@ def register_command(
 
     if (member is None) == (name_or_id is None):
         raise click.UsageError("give exactly one of --member (its best run) and --name (that run)")
-    connect(tracking_uri)
+    connect(tracking_uri, must_exist=True)
     scope = study_scope(experiment)
     if name_or_id:
         registered = register_named(scope, name_or_id, model_name)

@@ -110,6 +110,14 @@ def load_members(sweeps_dir: Path, name: str) -> list[Member]:
     if not paths:
         raise GridError(f"no member files (*.yaml) in {sweeps_dir}")
     members = sorted((load_member(p) for p in paths), key=lambda m: (m.global_id_offset, m.name))
+    first: dict[str, Member] = {}
+    for member in sorted(members, key=lambda m: m.path):
+        if member.name in first:  # one sweep would train its grid twice
+            raise GridError(
+                f"member name {member.name!r} is used by {first[member.name].path} and {member.path}: "
+                "give each member file its own `member:` name"
+            )
+        first[member.name] = member
     if name == "all":
         return members
     chosen = [m for m in members if m.name == name]

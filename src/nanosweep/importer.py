@@ -27,6 +27,7 @@ from nanosweep.tracking import (
     CHECKPOINT,
     StudyScope,
     TrackedRun,
+    ensure_store,
 )
 from nanosweep.train import build_model
 
@@ -150,33 +151,30 @@ def _import_row(row: StudyRow, folder: Path, experiment_id: str, vocab: Vocab) -
             checkpoint = None
     tags = {**row.point.study_tags("imported"), IMPORTED_FROM_TAG: str(folder.resolve())}
     run = TrackedRun.create(experiment_id, cfg.run_name, tags)
-    try:
-        run.log_params(
-            {
-                **cfg.to_dict(),
-                "total_params": _total_params(row, vocab),
-                "tokens_per_iter": cfg.tokens_per_iter,
-                "member": row.point.member,
-                "profile": PROFILE,
-                "study_total_params": row.total_params,
-                "study_config_path": row.config_path,
-            }
-        )
-        # the study's figures are from its last evaluation: the checkpoint's iteration (1800 for its MI2000 runs)
-        run.log_metrics({"train_loss": row.train_loss, "val_loss": row.val_loss}, step=step)
-        run.log_metrics({"loss_gap": row.loss_gap}, step=step)
-        if stored is not None:  # the checkpoint's own figure, under an honest name (the best is unknown)
-            run.log_metrics({CHECKPOINT_VAL_LOSS: stored}, step=step)
-        run.log_text(vocab.to_json(), "vocab.json")
-        run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
-        if checkpoint is not None:
-            run.log_file(checkpoint)
-        for sample in sorted((folder / "samples").glob(f"{cfg.run_name}*")):
-            if sample.is_file() and re.fullmatch(rf"{re.escape(cfg.run_name)}(\W.*)?", sample.name):
-                run.log_file(sample, "samples")
-    except BaseException as exc:
-        run.finish("FAILED", f"import failed: {type(exc).__name__}: {exc}")
-        raise
+    # an error or a stop signal from here on ends the run FAILED or KILLED with the command (tracking.open_runs)
+    run.log_params(
+        {
+            **cfg.to_dict(),
+            "total_params": _total_params(row, vocab),
+            "tokens_per_iter": cfg.tokens_per_iter,
+            "member": row.point.member,
+            "profile": PROFILE,
+            "study_total_params": row.total_params,
+            "study_config_path": row.config_path,
+        }
+    )
+    # the study's figures are from its last evaluation: the checkpoint's iteration (1800 for its MI2000 runs)
+    run.log_metrics({"train_loss": row.train_loss, "val_loss": row.val_loss}, step=step)
+    run.log_metrics({"loss_gap": row.loss_gap}, step=step)
+    if stored is not None:  # the checkpoint's own figure, under an honest name (the best is unknown)
+        run.log_metrics({CHECKPOINT_VAL_LOSS: stored}, step=step)
+    run.log_text(vocab.to_json(), "vocab.json")
+    run.log_text(cfg.nanogpt_config(out_dir=cfg.run_name), f"{cfg.run_name}.py")
+    if checkpoint is not None:
+        run.log_file(checkpoint)
+    for sample in sorted((folder / "samples").glob(f"{cfg.run_name}*")):
+        if sample.is_file() and re.fullmatch(rf"{re.escape(cfg.run_name)}(\W.*)?", sample.name):
+            run.log_file(sample, "samples")
     run.finish("FINISHED")
     return run.run_id, warnings
 
@@ -194,6 +192,7 @@ def import_study(
     (chosen,) = load_members(sweeps_dir, name)
     points = {point.config.run_name: point for point in expand(chosen, PROFILE)}
     rows = read_results(folder / "results.csv", points, chosen.name)
+    ensure_store()  # the folder is sound: now the store may be made
     scope = as_scope(where)
     done = finished_runs(scope)
     if len(done):

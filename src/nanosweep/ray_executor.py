@@ -35,8 +35,8 @@ from nanosweep.executors import (
     TrialLaunch,
 )
 from nanosweep.memory import PROCESSES_PER_GPU_ENV
+from nanosweep.stopping import stop_signals
 from nanosweep.tracking import HEARTBEAT_ENV
-from nanosweep.trial import stop_signals
 
 NODE_RETRIES = 3  # times Ray reruns a trial whose node or worker process died
 POLL_SECONDS = 0.5

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,10 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import PreparedData, prepare
 from nanosweep.executors import Executor, TrialLaunch, make_executor
+from nanosweep.filelocks import OwnedFolder, create_once, sqlite_file
 from nanosweep.pruning import PRUNED_AT_TAG, PRUNED_TAG, PRUNERS, make_pruner, open_storage, redacted
 from nanosweep.space import SearchSpace, load_space
 from nanosweep.sweep import (
     Progress,
+    adopt,
     close_trial_run,
     end_stale_sweeps,
     open_parent,
@@ -36,12 +37,14 @@ from nanosweep.sweep import (
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
     DEFAULT_EXPERIMENT,
-    PARENT_RUN_TAG,
+    END_REASON_TAG,
     PROFILE_TAG,
     RUN_KIND_TAG,
+    Claims,
     TrackedRun,
     alive,
     ensure_experiment,
+    ensure_store,
     run_experiment_id,
 )
 from nanosweep.trial import check_fits
@@ -111,7 +114,11 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None, trials: int) -
 
 
 def open_study(space: SearchSpace, storage: str, sampler: optuna.samplers.BaseSampler, pruner: str) -> optuna.Study:
-    """The space's study, created on the first search and continued by every later one with the same space."""
+    """The space's study, created on the first search and continued by every later one with the same space. A new
+    SQLite database for it is made once and whole (filelocks.create_once), whoever starts at the same time."""
+    database = sqlite_file(storage)
+    if database is not None:
+        create_once(database, lambda path: open_storage(f"sqlite:///{path}").engine.dispose())
     study = optuna.create_study(
         storage=open_storage(storage),
         study_name=space.name,
@@ -185,9 +192,14 @@ def reject(study: optuna.Study, trial: optuna.trial.Trial, reason: str) -> None:
 
 
 def ask(
-    study: optuna.Study, space: SearchSpace, prepared: PreparedData, seen: dict[str, int]
+    study: optuna.Study,
+    space: SearchSpace,
+    prepared: PreparedData,
+    seen: dict[str, int],
+    claim: Callable[[TrainConfig], str | None],
 ) -> tuple[optuna.trial.Trial, TrainConfig] | None:
-    """A new proposal that trains a configuration no launched trial has, or None when the space is used up."""
+    """A new proposal that trains a configuration no launched trial has and that claim gets for this search (it
+    says why not), or None when the space is used up."""
     for _ in range(MAX_REJECTIONS):
         trial = study.ask(space.params)
         try:
@@ -198,6 +210,10 @@ def ask(
             continue
         if cfg.config_hash in seen:
             reject(study, trial, f"duplicate of trial {seen[cfg.config_hash]}")
+            continue
+        taken = claim(cfg)
+        if taken:
+            reject(study, trial, f"duplicate: {taken}")
             continue
         return trial, cfg
     return None
@@ -214,12 +230,14 @@ class Active:
 class Driver:
     """One invocation of a search: launch trials into free slots, tell Optuna how each ended."""
 
-    def __init__(self, opts: SearchOptions, space: SearchSpace, study: optuna.Study, storage: str, parent_id: str):
-        self.opts, self.space, self.study, self.storage = opts, space, study, storage
+    def __init__(
+        self, opts: SearchOptions, space: SearchSpace, study: optuna.Study, storage: str, parent_id: str, claims: Claims
+    ):
+        self.opts, self.space, self.study, self.storage, self.claims = opts, space, study, storage, claims
         self.parent_id = parent_id
         self.experiment_id = run_experiment_id(parent_id)
         self.prepared = prepare(opts.input_path)  # run_search prepared it already: this checks and reads it
-        self.log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
+        self.logs = OwnedFolder("nanosweep-logs-")
         self.active: dict[str, Active] = {}  # run id -> trial
         self.failed: list[str] = []  # run names of trials that failed or were left KILLED in this invocation
         self.exhausted = False
@@ -239,10 +257,18 @@ class Driver:
         trial.set_user_attr(CONFIG_HASH_ATTR, cfg.config_hash)
         return run.run_id
 
+    def claim(self, cfg: TrainConfig) -> str | None:
+        """Claim cfg's configuration for this search; why not, when another search has it (README, "Claims")."""
+        point = (self.experiment_id, f"{SEARCH_TAG}-{self.space.name}", cfg.config_hash)
+        holder = self.claims.holder(*point)
+        if holder in (None, self.parent_id):
+            holder = self.claims.take(*point, self.parent_id)
+        return None if holder == self.parent_id else f"claimed by the search of run {holder}"
+
     def start(self, executor: Executor, number: int, trial_id: int, run_id: str, cfg: TrainConfig) -> None:
         argv = trial_argv(run_id, cfg, self.study, trial_id, self.storage, self.opts.pruner)
         name = f"trial{number:04d}-{cfg.run_name}"
-        executor.start(TrialLaunch((run_id,), name, argv, self.log_dir / f"{name}.log"))
+        executor.start(TrialLaunch((run_id,), name, argv, self.logs.path / f"{name}.log"))
         self.active[run_id] = Active(number, cfg)
 
     def run(self, executor: Executor, resume: list[FrozenTrial], new: int, progress: Progress) -> None:
@@ -253,12 +279,17 @@ class Driver:
             while len(executor.running()) < executor.capacity and (queue or (new and not self.exhausted)):
                 if queue:
                     trial = queue.pop(0)
-                    run_id = trial.user_attrs[RUN_ID_ATTR]
-                    TrackedRun(run_id).set_tags({PARENT_RUN_TAG: self.parent_id})  # under the search finishing it
                     cfg, number, trial_id = self.space.config(trial.params), trial.number, trial._trial_id
+                    taken = self.claim(cfg)
+                    if taken:  # another search resumes it
+                        progress.skipped += 1
+                        progress.report(f"trial {number} busy: {taken}")
+                        continue
+                    run_id = trial.user_attrs[RUN_ID_ATTR]
+                    adopt(run_id, self.parent_id)
                     how = "resume"
                 else:
-                    proposal = ask(self.study, self.space, self.prepared, seen)
+                    proposal = ask(self.study, self.space, self.prepared, seen, self.claim)
                     if proposal is None:
                         self.exhausted = True
                         progress.report(f"{MAX_REJECTIONS} proposals in a row were duplicates or invalid: stopping")
@@ -287,7 +318,7 @@ class Driver:
         else:
             progress.failed += 1
             self.failed.append(f"trial {active.number} ({active.cfg.run_name})")
-            event += f": {info.data.tags.get('nanosweep.end_reason', 'no reason recorded')}"
+            event += f": {info.data.tags.get(END_REASON_TAG, 'no reason recorded')}"
         progress.report(event)
 
 
@@ -326,9 +357,11 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     storage = study_storage(mlflow.get_tracking_uri(), opts.storage)
     # before the experiment: a storage that fails, or a space changed under its study, leaves the tracking store be
     study = open_study(space, storage, sampler, opts.pruner)
+    ensure_store()
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
     experiment_id = run_experiment_id(attached) if attached else ensure_experiment(opts.experiment)
     end_stale_sweeps([experiment_id], keep=attached, kind="search")
+    claims = Claims()  # before the runs (README, "Claims: one driver per point")
     resume, busy = settle(study)
     target = int(min(opts.trials, space.size))
     ended = len(launched(study)) - len(resume) - len(busy)
@@ -360,13 +393,10 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
         f"{ended} ended, {len(resume)} to resume, {new} new, {executor.capacity} at a time"
     )
 
-    driver = Driver(opts, space, study, storage, parent.run_id)
+    driver = Driver(opts, space, study, storage, parent.run_id, claims)
     started = time.monotonic()
-    try:
-        with supervise_trials(name, executor, parent, stream, driver.active):
-            driver.run(executor, resume, new, progress)
-    finally:
-        shutil.rmtree(driver.log_dir, ignore_errors=True)
+    with driver.logs, supervise_trials(name, executor, parent, stream):
+        driver.run(executor, resume, new, progress)
 
     summary = format_trials(study, space)
     stream.write(summary + "\n")

@@ -21,6 +21,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from nanosweep import plots, report  # noqa: E402
 from nanosweep.analyze import publish, staging  # noqa: E402
+from nanosweep.filelocks import database_exists, sqlite_file  # noqa: E402
 from nanosweep.pruning import open_storage  # noqa: E402
 from nanosweep.search import (  # noqa: E402
     ITERATIONS_ATTR,
@@ -44,9 +45,11 @@ class SearchAnalysis:
 
 
 def load_study(name: str, storage: str) -> optuna.Study:
-    """The search's Optuna study; a name with no study is refused, listing those there are."""
-    opened = open_storage(storage)
-    names = optuna.get_all_study_names(opened)
+    """The search's Optuna study; a name with no study is refused, listing those there are. A SQLite database that
+    is not there holds none (and is not made by looking)."""
+    database = sqlite_file(storage)
+    opened = None if database is not None and not database_exists(database) else open_storage(storage)
+    names = optuna.get_all_study_names(opened) if opened else []
     if name not in names:
         known = ", ".join(sorted(names)) or "none yet"
         raise SearchError(f"search={name!r} has no study in {storage}: choose one of {known} (the space file stems)")

@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from nanosweep.data import prepare
 from nanosweep.executors import STOP_GRACE_SECONDS, Executor, TrialExit, TrialLaunch, make_executor
+from nanosweep.filelocks import OwnedFolder
 from nanosweep.grid import GridPoint, expand, load_members
+from nanosweep.stopping import Interrupted, signal_name, stop_signals
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
+    END_REASON_TAG,
     FUSED_GROUP_TAG,
     HOST_TAG,
     MEMBER_TAG,
@@ -35,16 +36,20 @@ from nanosweep.tracking import (
     PROFILE_TAG,
     RUN_KIND_TAG,
     CheckpointUnreadable,
+    Claims,
     Heartbeat,
     TrackedRun,
     alive,
+    ensure_store,
     heartbeat_age,
     heartbeat_now,
+    open_runs,
     search_runs,
+    store_missing,
     study_scope,
 )
 from nanosweep.train import fusion_key
-from nanosweep.trial import Interrupted, check_fits, stop_signals, trial_spec
+from nanosweep.trial import check_fits, trial_spec
 
 # --fuse auto on CPU: trials per group (bench/README.md, bench_study.py: on a 2-core CPU fusing is no slower per
 # trial-iteration and saves a process start per trial); on CUDA a group takes every trial of its fusion key.
@@ -126,8 +131,11 @@ def study_runs(experiment_ids: list[str]) -> list[Any]:
     return trials + search_runs(experiment_ids, f"tags.{RUN_KIND_TAG} = 'imported' and attributes.status = 'FINISHED'")
 
 
-def plan(points: list[GridPoint], runs: list[Any]) -> list[PlannedTrial]:
-    """Decide per grid point, from the study runs already there with the same config hash and profile."""
+def plan(
+    points: list[GridPoint], runs: list[Any], claims: Claims | None = None, experiment_id: str | None = None
+) -> list[PlannedTrial]:
+    """Decide per grid point, from the study runs already there with the same config hash and profile, and from
+    the claims on the points in experiment_id (a point another live driver claimed is busy)."""
     existing: dict[tuple[str, str], list[Any]] = {}
     for run in runs:
         key = (run.data.tags.get(CONFIG_HASH_TAG, ""), run.data.tags.get(PROFILE_TAG, ""))
@@ -152,6 +160,10 @@ def plan(points: list[GridPoint], runs: list[Any]) -> list[PlannedTrial]:
             where = f"on {tags[HOST_TAG]}, " if HOST_TAG in tags else ""
             note = f"running {where}heartbeat {heartbeat_age(tags):.0f}s ago"
             plans.append(PlannedTrial(point, "busy", live[0].info.run_id, note, "RUNNING"))
+            continue
+        holder = claims and experiment_id and claims.holder(experiment_id, point.profile, point.config.config_hash)
+        if holder:
+            plans.append(PlannedTrial(point, "busy", None, f"claimed by the driver of run {holder}"))
             continue
         cut_off = [r for r in runs if r.info.status in ("RUNNING", "KILLED")]
         if cut_off:
@@ -234,6 +246,15 @@ def format_table(plans: list[PlannedTrial], with_results: bool) -> str:
     return "\n".join(lines)
 
 
+def adopt(run_id: str, parent_id: str) -> None:
+    """A cut-off run moves under the driver (sweep or search) that resumes it: its parent, a fresh heartbeat, and
+    its ending if the driver stops before a trial process ends it."""
+    run = TrackedRun(run_id)
+    with stop_signals.deferred():
+        run.set_tags({PARENT_RUN_TAG: parent_id, **heartbeat_now()})
+        open_runs.add(run)
+
+
 def close_trial_run(exit: TrialExit, run_id: str) -> Any:
     """One of the ended process's runs, its output added under logs/. A run the process left RUNNING ends here:
     KILLED when its machine was lost (a rerun resumes it), FAILED when the process died on its own."""
@@ -247,6 +268,7 @@ def close_trial_run(exit: TrialExit, run_id: str) -> Any:
         run.finish("FAILED", f"trial process exited with {exit.returncode}: {lines[-1] if lines else 'no output'}")
         info = run.info()
     run.log_file(exit.launch.log_path, "logs")
+    open_runs.discard(run_id)  # ended, by its trial or just now
     return info
 
 
@@ -260,7 +282,7 @@ def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progres
         planned = by_run[run_id]
         info = close_trial_run(exit, run_id)
         progress.running -= 1
-        reason = info.data.tags.get("nanosweep.end_reason", "no reason recorded")
+        reason = info.data.tags.get(END_REASON_TAG, "no reason recorded")
         if planned.action == "resume" and reason.startswith(f"{CheckpointUnreadable.__name__}:"):
             name = planned.point.config.run_name
             progress.report(f"{name}: {reason}; run FAILED, training the grid point in a new run")
@@ -281,9 +303,21 @@ def _collect(exit: TrialExit, by_run: dict[str, PlannedTrial], progress: Progres
     return again
 
 
+def _claim(planned: PlannedTrial, claims: Claims, experiment_id: str, parent_id: str, progress: Progress) -> bool:
+    """Claim the point before launching it; one that another driver claimed first is busy, that driver's."""
+    holder = claims.take(experiment_id, planned.point.profile, planned.point.config.config_hash, parent_id)
+    if holder == parent_id:
+        return True
+    planned.action, planned.note = "busy", f"claimed by the driver of run {holder}"
+    progress.skipped += 1
+    progress.report(f"{planned.point.config.run_name} busy: another driver (run {holder}) claimed it first")
+    return False
+
+
 def _drive(
     groups: list[list[PlannedTrial]],
     executor: Executor,
+    claims: Claims,
     experiment_id: str,
     parent_id: str,
     progress: Progress,
@@ -291,17 +325,19 @@ def _drive(
     by_run: dict[str, PlannedTrial],
     fuse: int,
 ) -> None:
-    """Run the groups; by_run collects every run started, for the shutdown to check."""
+    """Run the groups, each point claimed first; by_run maps every run started to its plan."""
     queue = deque(groups)
     started = 0
     while queue or executor.running():
         while queue and len(executor.running()) < executor.capacity:
-            group = queue.popleft()
+            group = [p for p in queue.popleft() if _claim(p, claims, experiment_id, parent_id, progress)]
+            if not group:
+                continue
             for planned in group:
                 if planned.run_id is None:
                     planned.run_id = create_trial_run(experiment_id, planned.point, parent_id)
-                else:  # a resumed run moves under the sweep that finishes it, whose heartbeat it now has
-                    TrackedRun(planned.run_id).set_tags({PARENT_RUN_TAG: parent_id, **heartbeat_now()})
+                else:
+                    adopt(planned.run_id, parent_id)
                 by_run[planned.run_id] = planned
             started += 1
             name = group_name(group, parent_id, started)
@@ -319,42 +355,45 @@ def _drive(
 
 def open_parent(experiment_id: str, attached: str | None, name: str, kind: str, tags: dict[str, Any]) -> TrackedRun:
     """The parent run of a sweep or a search (the run `mlflow run` created, else a new one), tagged with its driver."""
-    parent = TrackedRun(attached) if attached else TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: kind})
+    if attached:
+        parent = TrackedRun(attached)
+        parent.take_over()
+    else:
+        parent = TrackedRun.create(experiment_id, name, {RUN_KIND_TAG: kind})
     driver = {HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(), **heartbeat_now()}
     parent.set_tags({RUN_KIND_TAG: kind, "mlflow.runName": name, **tags, **driver})
     return parent
 
 
 @contextlib.contextmanager
-def supervise_trials(
-    name: str, executor: Executor, parent: TrackedRun, stream: TextIO, runs: Iterable[str]
-) -> Iterator[None]:
+def supervise_trials(name: str, executor: Executor, parent: TrackedRun, stream: TextIO) -> Iterator[None]:
     """The driver's duties while its trials run: keep the parent's and the running trials' heartbeats fresh
-    (a trial waiting for its process, or for Ray to rerun it elsewhere, is still this driver's), and on SIGTERM
-    or Ctrl-C stop the running trials (they end KILLED, to be resumed) and end the parent KILLED.
-
-    The first signal stops the driver; later ones are ignored so they cannot cut the shutdown short. Runs
-    (ids, read at the end) that no trial ended, killed after the grace or never started, end KILLED here.
+    (a trial waiting for its process, or for Ray to rerun it elsewhere, is still this driver's), and when the
+    driver stops (SIGTERM, Ctrl-C, an error) stop the running trials first: they end their runs KILLED, to be
+    resumed. The parent, and runs that no trial ended (killed after the grace, or never started), end with the
+    command (tracking.open_runs).
     """
 
     def launched() -> list[str]:
         """The runs of every trial process started and not ended yet: this driver keeps them alive."""
         return [run_id for launch in executor.running() for run_id in launch.run_ids]
 
-    with stop_signals.installed(), Heartbeat([parent.run_id], also=launched):
+    with Heartbeat([parent.run_id], also=launched):
         try:
             yield
-        except (Interrupted, KeyboardInterrupt) as exc:
-            reason = exc.args[0] if exc.args else "SIGINT"
-            stream.write(f"{name}: interrupted by {reason}; stopping {len(executor.running())} trial(s)\n")
+        except BaseException as exc:
+            if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+                stream.write(f"{name}: interrupted by {signal_name(exc)}; stopping {len(launched())} trial(s)\n")
             # trials that got the same Ctrl-C are already ending their runs and ignore this SIGTERM
             executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
-            for run_id in runs:
-                run = TrackedRun(run_id)
-                if run.info().info.status == "RUNNING":
-                    run.finish("KILLED", f"{name} was interrupted by {reason} before the trial ended its run")
-            parent.finish("KILLED", f"interrupted by {reason}")
             raise
+
+
+def _report_dry_run(plans: list[PlannedTrial], stream: TextIO) -> int:
+    stream.write(format_table(plans, with_results=False) + "\n")
+    counts = {a: sum(p.action == a for p in plans) for a in ("run", "rerun", "resume", "skip", "busy")}
+    stream.write(", ".join(f"{n} {a}" for a, n in counts.items() if n) + "\n")
+    return 0
 
 
 def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
@@ -366,14 +405,19 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         check_fits(point.config, prepared)
 
     attached = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created becomes the parent
+    if not opts.dry_run:
+        ensure_store()
+    elif store_missing():  # nothing tracked yet, so every point would run; a dry run creates no store
+        return _report_dry_run(plan(points, []), stream)
     scope = study_scope(opts.experiment)
+    claims = Claims()  # before the runs (README, "Claims: one driver per point")
     runs = study_runs(scope.ids)
-    plans = plan(points, runs)
+    members_swept = {point.member for point in points}
+    holders = {r.info.experiment_id for r in runs if r.data.tags.get(MEMBER_TAG) in members_swept}
+    experiment_id = scope.home(holders, f"member {opts.member!r}", create=not opts.dry_run)
+    plans = plan(points, runs, claims, experiment_id)
     if opts.dry_run:
-        stream.write(format_table(plans, with_results=False) + "\n")
-        counts = {a: sum(p.action == a for p in plans) for a in ("run", "rerun", "resume", "skip", "busy")}
-        stream.write(", ".join(f"{n} {a}" for a, n in counts.items() if n) + "\n")
-        return 0
+        return _report_dry_run(plans, stream)
 
     end_stale_sweeps(scope.ids, keep=attached)
     name = f"sweep-{opts.member}-{opts.profile}"
@@ -381,9 +425,6 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         stream.write(format_table(plans, with_results=True) + "\n")
         stream.write(f"{name}: nothing to run: every grid point is finished or running elsewhere\n")
         return 0
-    members_swept = {point.member for point in points}
-    holders = {r.info.experiment_id for r in runs if r.data.tags.get(MEMBER_TAG) in members_swept}
-    experiment_id = scope.home(holders, f"member {opts.member!r}")
     # before any run is written: an executor that cannot serve this sweep (a file store for a cluster) refuses here
     executor = make_executor(opts.executor, opts.workers, opts.trials_per_gpu, opts.input_path, opts.ray_address)
     with contextlib.closing(executor):
@@ -407,14 +448,10 @@ def run_sweep(opts: SweepOptions, stream: TextIO = sys.stderr) -> int:
         fused = f" in {len(groups)} fused group(s)" if len(groups) < sum(p.launches for p in plans) else ""
         progress.report(f"{name}: {len(plans)} grid points{fused}, {executor.capacity} at a time on {executor.where}")
 
-        log_dir = Path(tempfile.mkdtemp(prefix="nanosweep-logs-"))
         started = time.monotonic()
         by_run: dict[str, PlannedTrial] = {}
-        try:
-            with supervise_trials(name, executor, parent, stream, by_run):
-                _drive(groups, executor, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
-        finally:
-            shutil.rmtree(log_dir, ignore_errors=True)
+        with OwnedFolder("nanosweep-logs-") as log_dir, supervise_trials(name, executor, parent, stream):
+            _drive(groups, executor, claims, experiment_id, parent.run_id, progress, log_dir, by_run, limit)
 
         summary = format_table(plans, with_results=True)
         failed = [p for p in plans if p.launches and p.status != "FINISHED"]

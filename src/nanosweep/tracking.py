@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import mlflow
@@ -20,11 +21,18 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
+from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.uri import get_uri_scheme
 from mlflow.utils.validation import _validate_experiment_name
 
-from nanosweep.checkpoint import load_checkpoint, save_checkpoint
+from nanosweep.checkpoint import load_checkpoint, mismatch, save_checkpoint
+from nanosweep.filelocks import OwnedFolder, create_once, database_exists, sqlite_file
+from nanosweep.stopping import Interrupted, signal_name, stop_signals
+
+if TYPE_CHECKING:
+    from nanosweep.config import TrainConfig
+    from nanosweep.model import GPT
 
 DEFAULT_EXPERIMENT = "nanosweep"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -34,7 +42,8 @@ FLUSH_SECONDS = 2.0  # a buffered metric reaches the store this soon at the late
 # the metric a study compares: logged first, so a SQLite store lists it first and the MLflow UI's compare
 # view (which preselects the first metric the runs share) plots it in parallel coordinates by default
 PRIMARY_METRIC = "val_loss"
-CHECKPOINT_KEYS = ("model", "optimizer", "iter_num", "best_val_loss", "rng", "eval_losses")  # what resuming reads
+# what resuming reads, and checks against the run (checkpoint.mismatch)
+CHECKPOINT_KEYS = ("model", "optimizer", "model_args", "iter_num", "best_val_loss", "config", "rng", "eval_losses")
 
 # Tags that place a run in the study; analysis filters on them (`tags.member = 'deep_large'`).
 MEMBER_TAG = "member"  # shallow_small, deep_small, ... (a file in sweeps/)
@@ -51,6 +60,7 @@ FUSED_GROUP_TAG = "fused_group"  # runs with the same value trained together as 
 EXECUTOR_TAG = "executor"  # local or ray: what ran the trial's process
 NODE_TAG = "node"  # where: the host name (local) or the Ray node id
 RESUMED_FROM_TAG = "nanosweep.resumed_from"  # the checkpoint iteration the run's last process continued from
+END_REASON_TAG = "nanosweep.end_reason"  # why the run's last process ended it FAILED or KILLED (or stopped it early)
 # A RUNNING run is alive while its trial process or its driver (sweep, search) keeps this tag fresh: unix
 # seconds, stamped every heartbeat_seconds(). Older than STALE_BEATS beats, it is dead wherever it ran and is
 # resumed from its checkpoint. Machines' clocks must agree to well within that (NTP).
@@ -61,6 +71,7 @@ STALE_BEATS = 4  # missed beats before a run counts as dead: 60 s by default
 # the stores MLflow itself opens ("" and file: the folder store); a database URL's +driver does not count
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file", "")
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+STALLED_SECONDS = 10.0  # a half-made SQLite store nobody has written to for this long is no creation in progress
 
 
 def heartbeat_seconds() -> float:
@@ -184,8 +195,12 @@ def check_tracking_uri(uri: str) -> None:
         check_sqlite_file(uri, "tracking URI")
 
 
-def connect(tracking_uri: str | None = None) -> str:
-    """Use tracking_uri (else MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db); fail fast if a server is down."""
+def connect(tracking_uri: str | None = None, must_exist: bool = False) -> str:
+    """Use tracking_uri (else MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db); fail fast if a server is down.
+
+    Nothing is created here: a command that writes calls ensure_store once its input is checked. must_exist: a
+    command that only reads refuses a SQLite store that is not there (rather than making an empty one).
+    """
     uri = tracking_uri or mlflow.get_tracking_uri()
     check_tracking_uri(uri)
     if tracking_uri:
@@ -213,6 +228,14 @@ def connect(tracking_uri: str | None = None) -> str:
                 f"tracking server {uri} refused the request (HTTP {exc.get_http_status_code()}): "
                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
             ) from None
+    store = sqlite_file(uri)
+    if store is not None and database_exists(store):
+        check_store_is_whole(store)
+    elif store is not None and must_exist:
+        raise TrackingError(
+            f"no tracking store at {store.resolve()} ({uri}): nothing has been tracked there; run where the store "
+            "is, or point --tracking-uri / MLFLOW_TRACKING_URI at it"
+        )
     return uri
 
 
@@ -232,6 +255,76 @@ def first_line(message: object) -> str:
     """An error's first line, at most 300 characters: MLflow and SQLAlchemy add the SQL and a link below."""
     lines = str(message).strip().splitlines()
     return lines[0][:300] if lines else ""
+
+
+def check_store_is_whole(store: Path) -> None:
+    """Refuse a SQLite store left half-made: its creation was cut off (a kill, or processes creating it at once, by
+    MLflow itself or before ensure_store), so its schema is short of MLflow's, and it holds no runs. One that another
+    process is making at this moment (say `mlflow ui`, started at the same time) is waited for: a store is judged only
+    once nobody has written to it for STALLED_SECONDS. One of another MLflow version that holds runs is left to
+    MLflow, which upgrades or names it."""
+    from mlflow.store.db.utils import _get_latest_schema_revision  # MLflow's own check of a store's schema
+
+    head = _get_latest_schema_revision()
+    seen, still_since = None, time.monotonic()
+    while True:
+        state = _store_schema(store)
+        if state is None:
+            return  # not a SQLite database at all: MLflow says so
+        revision, tables, runs, writing = state
+        if revision == head or runs:
+            return
+        if writing or (revision, tables) != seen:
+            seen, still_since = (revision, tables), time.monotonic()
+        elif time.monotonic() - still_since >= STALLED_SECONDS:
+            raise TrackingError(
+                f"tracking store {store.resolve()} was left half-made (schema revision {revision or 'none'}, MLflow "
+                f"{mlflow.__version__} makes {head}) and holds no runs: its creation was cut off by a kill or by "
+                f"another process creating it at the same time. Delete it (rm {store}) and run again: the store is "
+                "then made whole, once"
+            )
+        time.sleep(0.2)
+
+
+def _store_schema(store: Path) -> tuple[str | None, int, int, bool] | None:
+    """(alembic revision, tables, runs, someone writing to it now) of a SQLite store; None when it is no database."""
+    try:
+        with contextlib.closing(sqlite3.connect(store, timeout=1)) as db:  # rolls back a killed writer's journal
+            db.execute("BEGIN IMMEDIATE")  # at once, unless another process is writing to it (making it) now
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            versions = db.execute("SELECT version_num FROM alembic_version") if "alembic_version" in tables else []
+            revision = next((version for (version,) in versions), None)
+            runs = db.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+            db.rollback()
+    except sqlite3.OperationalError:  # locked: it is being written to
+        return None, 0, 0, True
+    except sqlite3.DatabaseError:  # not a SQLite database at all
+        return None
+    return revision, len(tables), runs, False
+
+
+def ensure_store() -> None:
+    """Create the tracking URI's SQLite store if it is missing, exactly once and whole (filelocks.create_once):
+    concurrent first use and a kill at any moment leave no store or a complete one. A server migrates its own.
+    Commands that write call this once their input is checked, so a refused command creates no store."""
+    store = sqlite_file(mlflow.get_tracking_uri())
+    if store is not None and not create_once(store, _build_sqlite_store):
+        check_store_is_whole(store)  # made by someone else since connect looked: perhaps by MLflow, not whole yet
+
+
+def store_missing() -> bool:
+    """The tracking URI names a SQLite store that is not there yet: nothing has been tracked (and a look must not
+    make it)."""
+    store = sqlite_file(mlflow.get_tracking_uri())
+    return store is not None and not database_exists(store)
+
+
+def _build_sqlite_store(path: Path) -> None:
+    """MLflow's schema and Default experiment in a new SQLite file, as MLflow makes them on first use."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    built = SqlAlchemyStore(f"sqlite:///{path}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+    built.engine.dispose()  # no connection may outlive the rename to its final name
 
 
 def ensure_experiment(name: str) -> str:
@@ -263,18 +356,99 @@ def search_runs(experiment_ids: list[str], filter_string: str) -> list[Any]:
 
 
 def existing_run(run_id: str, what: str = "run") -> Any:
-    """The active run with this id; refused in one line when the store has none (a typo, another store)."""
-    try:
-        run = MlflowClient().get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        run = None
+    """The active run with this id; refused in one line when the store has none (a typo, another store). A SQLite
+    store that is not there holds no run, and is not made by looking."""
+    run = None
+    if not store_missing():
+        try:
+            run = MlflowClient().get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
     if run is None or run.info.lifecycle_stage == "deleted":
         raise TrackingError(
             f"{what} {run_id!r} is not an active run of {mlflow.get_tracking_uri()}: give the id of an existing run"
         )
     return run
+
+
+CLAIM_PREFIX = "nanosweep.claim"  # claims are experiments named nanosweep.claim/<experiment id>/<scope>/<hash>/<n>
+CLAIM_DRIVER_TAG = "nanosweep.driver"  # on a claim: the parent run of the sweep or search that made it
+
+
+@dataclass(frozen=True)
+class Claim:
+    number: int  # the point's claims are numbered 1, 2, ... in the order they were taken
+    driver: str  # the parent run id of the sweep or search that took it
+
+
+class Claims:
+    """Which driver (sweep or search) may launch a point: one configuration (its config hash) of one scope (a
+    sweep's profile, or search-<name>) in one experiment. README, "Claims: one driver per point".
+
+    A claim is an experiment whose name says which point and which claim number it is: MLflow refuses to create
+    an experiment whose name exists (deleted ones included), so of drivers taking the same number, exactly one
+    succeeds. Each claim is deleted at once: out of the UI, its name kept. The latest claim of a point stands for
+    as long as its driver lives (its parent run RUNNING with a fresh heartbeat). Read the claims before the runs:
+    whoever launched since this read took the next number first, so this driver's take of it fails.
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str, str, str], Claim] = {}  # (experiment id, scope, config hash) -> latest claim
+        self._alive: dict[str, bool] = {}  # driver -> alive, looked up once
+        client, token = MlflowClient(), None
+        while True:
+            page = client.search_experiments(
+                ViewType.ALL, max_results=1000, filter_string=f"name LIKE '{CLAIM_PREFIX}/%'", page_token=token
+            )
+            for experiment in page:
+                self._note(experiment.name, experiment.tags.get(CLAIM_DRIVER_TAG, ""))
+            token = page.token
+            if not token:
+                return
+
+    def _note(self, name: str, driver: str) -> None:
+        *point, number = name.removeprefix(f"{CLAIM_PREFIX}/").split("/")
+        if len(point) < 3 or not number.isdigit():
+            return  # not one of ours
+        key = (point[0], "/".join(point[1:-1]), point[-1])
+        if key not in self.latest or int(number) > self.latest[key].number:
+            self.latest[key] = Claim(int(number), driver)
+
+    def holder(self, experiment_id: str, scope: str, config_hash: str) -> str | None:
+        """The driver whose claim on the point stands (it is the latest, and its driver lives), if any."""
+        claim = self.latest.get((experiment_id, scope, config_hash))
+        if claim is None:
+            return None
+        if claim.driver not in self._alive:
+            try:
+                run = MlflowClient().get_run(claim.driver)
+                self._alive[claim.driver] = run.info.status == "RUNNING" and alive(run.data.tags)
+            except MlflowException:  # its run is gone: so is it
+                self._alive[claim.driver] = False
+        return claim.driver if self._alive[claim.driver] else None
+
+    def take(self, experiment_id: str, scope: str, config_hash: str, driver: str) -> str:
+        """Claim the point for driver: the next number after the latest one read. Returns the driver holding that
+        claim now: driver itself, or the one that took it first."""
+        key = (experiment_id, scope, config_hash)
+        number = self.latest[key].number + 1 if key in self.latest else 1
+        name = f"{CLAIM_PREFIX}/{experiment_id}/{scope}/{config_hash}/{number}"
+        client = MlflowClient()
+        with stop_signals.deferred():  # created and deleted in one step
+            try:
+                client.delete_experiment(client.create_experiment(name, tags={CLAIM_DRIVER_TAG: driver}))
+                winner = driver
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                existing = client.get_experiment_by_name(name)  # a retried request of ours, or another driver's
+                winner = existing.tags.get(CLAIM_DRIVER_TAG, "") if existing else ""
+                if winner == driver and existing.lifecycle_stage == "active":
+                    client.delete_experiment(existing.experiment_id)
+        self._note(name, winner)
+        self._alive.setdefault(winner, True)  # it took the claim just now
+        return winner
 
 
 def run_experiment_id(run_id: str) -> str:
@@ -323,16 +497,21 @@ class StudyScope:
             "(or MLFLOW_EXPERIMENT_NAME)"
         )
 
-    def home(self, holders: set[str], what: str = "the study") -> str:
+    def home(self, holders: set[str], what: str = "the study", create: bool = True) -> str | None:
         """The experiment id new runs go into: the attached or named one, else the one already holding the runs
-        (holders), else the CLI's default; refused when the runs lie in several experiments."""
+        (holders), else the CLI's default; refused when the runs lie in several experiments. create=False: None
+        where that experiment does not exist yet (a dry run creates nothing)."""
         if self.attached_experiment_id:
             return self.attached_experiment_id
-        if self.named:
-            return ensure_experiment(self.named)
-        if len(holders) > 1:
+        if len(holders) > 1 and not self.named:
             raise self.spread_error(what, holders)
-        return next(iter(holders)) if holders else ensure_experiment(DEFAULT_EXPERIMENT)
+        if holders and not self.named:
+            return next(iter(holders))
+        name = self.named or DEFAULT_EXPERIMENT
+        if create:
+            return ensure_experiment(name)
+        found = MlflowClient().get_experiment_by_name(name)
+        return found.experiment_id if found is not None and found.lifecycle_stage == "active" else None
 
 
 def chosen_experiment(experiment: str | None = None) -> str | None:
@@ -381,6 +560,48 @@ def study_scope(experiment: str | None = None) -> StudyScope:
     return StudyScope({found.experiment_id: name} if found else {}, name, attached_experiment)
 
 
+class OpenRuns:
+    """The runs this process created or took over and has not ended yet.
+
+    TrackedRun.create and take_over add a run in the same step as they make it RUNNING (a stop signal waits for
+    that step), and TrackedRun.finish removes it. A command that leaves `ended_on_exit` by an exception ends every
+    run it opened that is still RUNNING: KILLED when a stop signal came, FAILED on an error. So whatever moment
+    SIGTERM or Ctrl-C comes at, no run is left behind RUNNING.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, TrackedRun] = {}
+
+    def add(self, run: TrackedRun) -> None:
+        self._runs[run.run_id] = run
+
+    def discard(self, run_id: str) -> None:
+        """The run is ended, or another process ended it (a trial that exited): nothing left to do for it."""
+        self._runs.pop(run_id, None)
+
+    @contextlib.contextmanager
+    def ended_on_exit(self) -> Iterator[None]:
+        before = set(self._runs)
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+                status, reason = "KILLED", f"interrupted by {signal_name(exc)}"
+            else:
+                status, reason = "FAILED", f"{type(exc).__name__}: {exc}"
+            with stop_signals.deferred():
+                for run in [run for run_id, run in self._runs.items() if run_id not in before]:
+                    # a trial process may have ended it already (this is its driver): only RUNNING ones are left
+                    with contextlib.suppress(Exception):  # the store may be what failed: the error below says so
+                        if run.info().info.status == "RUNNING":
+                            run.finish(status, reason)
+                    self.discard(run.run_id)
+            raise
+
+
+open_runs = OpenRuns()
+
+
 class TrackedRun:
     """One MLflow run seen from a training process: params, batched async metrics, artifacts, end status."""
 
@@ -394,7 +615,7 @@ class TrackedRun:
         self._flush_error: BaseException | None = None  # a timer flush that failed, re-raised by flush_and_wait
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
-        self._scratch = tempfile.TemporaryDirectory(prefix="nanosweep-")
+        self._scratch: OwnedFolder | None = None  # made when a checkpoint passes through, removed at the end
         self._last_step: dict[str, int] | None = None  # read on the first metric logged
         self.ended = False  # finish() has set the run's final status
 
@@ -416,8 +637,10 @@ class TrackedRun:
         tags = resolve_tags({"mlflow.source.name": "nanosweep", **tags, **heartbeat_now()})  # alive from birth
         if parent_run_id:
             tags[PARENT_RUN_TAG] = parent_run_id  # nests the run under its sweep in the UI
-        run = MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags)
-        return cls(run.info.run_id)
+        with stop_signals.deferred():  # created and ended by this process if it stops: one step, never half
+            run = cls(MlflowClient().create_run(experiment_id, run_name=run_name, tags=tags).info.run_id)
+            open_runs.add(run)
+        return run
 
     def info(self) -> Any:
         return self.client.get_run(self.run_id)
@@ -426,9 +649,21 @@ class TrackedRun:
         """One past the last step of the run's metrics named prefix...: where a resumed run's series of them goes on."""
         return max((step for key, step in self._steps_logged().items() if key.startswith(prefix)), default=-1) + 1
 
-    def mark_running(self) -> None:
-        """A resumed run is RUNNING again (it was KILLED, or left RUNNING by a killed process)."""
-        self.client.update_run(self.run_id, status="RUNNING")
+    @property
+    def scratch(self) -> Path:
+        """This process's folder for the run's checkpoints on their way to and from the store."""
+        if self._scratch is None:
+            self._scratch = OwnedFolder("nanosweep-run-")
+        return self._scratch.path
+
+    def take_over(self) -> None:
+        """This process continues the run (it was KILLED, or left RUNNING by a killed process): RUNNING again, the
+        end reason of its last process gone, and ended by this process if it stops."""
+        if END_REASON_TAG in self.info().data.tags:
+            self.client.delete_tag(self.run_id, END_REASON_TAG)
+        with stop_signals.deferred():
+            self.client.update_run(self.run_id, status="RUNNING")
+            open_runs.add(self)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params not yet on the run (`mlflow run` logs its own first; a resumed run has them)."""
@@ -478,7 +713,7 @@ class TrackedRun:
         """Save ckpt.pt and upload it in the background; at most one upload is in flight."""
         self.flush()
         self.wait_for_upload()
-        folder = Path(self._scratch.name) / f"iter{checkpoint['iter_num']}"
+        folder = self.scratch / f"iter{checkpoint['iter_num']}"
         folder.mkdir()
         path = folder / CHECKPOINT
         save_checkpoint(checkpoint, path)
@@ -526,28 +761,32 @@ class TrackedRun:
             time.sleep(0.5)
             self.client.log_inputs(self.run_id, inputs)
 
-    def download_checkpoint(self) -> dict[str, Any] | None:
-        """The run's last ckpt.pt, or None when it has none; an unreadable one is refused, never skipped."""
+    def download_checkpoint(self, cfg: TrainConfig, model: GPT) -> dict[str, Any] | None:
+        """The run's last ckpt.pt, or None when it has none. One that cannot be read, or that is not the checkpoint
+        of cfg's training (built as model: checkpoint.mismatch), is refused, never skipped."""
         names = {a.path for a in self.client.list_artifacts(self.run_id)}
         if CHECKPOINT not in names:
             return None
         local = mlflow.artifacts.download_artifacts(
-            run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=self._scratch.name
+            run_id=self.run_id, artifact_path=CHECKPOINT, dst_path=str(self.scratch)
         )
         try:
             checkpoint = load_checkpoint(local)
             missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
             if missing:
                 raise ValueError(f"it lacks {', '.join(missing)}")
-            return checkpoint
+            foreign = mismatch(checkpoint, cfg, model)
         except Exception as exc:
-            # starting over inside this run would mix two trainings in one metric history
-            raise CheckpointUnreadable(
-                f"{CHECKPOINT} of run {self.run_id} cannot be read ({str(exc).splitlines()[0][:300]}): "
-                "its training cannot continue in this run"
-            ) from None
+            problem = f"cannot be read ({(str(exc).splitlines() or [type(exc).__name__])[0][:300]})"
+        else:
+            problem = f"is another training's ({foreign})" if foreign else ""
         finally:
             os.unlink(local)
+        if problem:  # starting over inside this run would mix two trainings in one metric history
+            raise CheckpointUnreadable(
+                f"{CHECKPOINT} of run {self.run_id} {problem}: its training cannot continue in this run"
+            )
+        return checkpoint
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) pairs of one metric, in step order."""
@@ -567,20 +806,23 @@ class TrackedRun:
         """Flush everything, then end the run FINISHED, FAILED or KILLED (with the reason as a tag).
 
         When the flush or the last upload fails, the run ends FAILED with that reason (never FINISHED with
-        metrics or a checkpoint missing) and the error is raised.
+        metrics or a checkpoint missing) and the error is raised. A stop signal waits until the run has ended.
         """
-        try:
-            self.flush_and_wait()
-        except BaseException as exc:
-            status = "FAILED"
-            reason = f"final metric flush or upload failed: {type(exc).__name__}: {exc}" + (
-                f" (after: {reason})" if reason else ""
-            )
-            raise
-        finally:
-            if reason:
-                self.set_tags({"nanosweep.end_reason": reason[:5000]})
-            with _ASYNC_LOGGING:  # it shuts down the async queue that sibling runs log through
-                self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
-            self.ended = True
-            self._scratch.cleanup()
+        with stop_signals.deferred():
+            try:
+                self.flush_and_wait()
+            except BaseException as exc:
+                status = "FAILED"
+                reason = f"final metric flush or upload failed: {type(exc).__name__}: {exc}" + (
+                    f" (after: {reason})" if reason else ""
+                )
+                raise
+            finally:
+                if reason:
+                    self.set_tags({END_REASON_TAG: reason[:5000]})
+                with _ASYNC_LOGGING:  # it shuts down the async queue that sibling runs log through
+                    self.client.set_terminated(self.run_id, RunStatus.to_string(getattr(RunStatus, status)))
+                self.ended = True
+                open_runs.discard(self.run_id)
+                if self._scratch is not None:
+                    self._scratch.remove()

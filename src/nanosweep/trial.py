@@ -10,13 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from nanosweep.config import ConfigError, TrainConfig
@@ -25,9 +23,11 @@ from nanosweep.executors import EXECUTOR_ENV, NODE_ENV
 from nanosweep.model import GPT
 from nanosweep.progress import ProgressObserver
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
+from nanosweep.stopping import Interrupted, signal_name, stop_signals
 from nanosweep.system_metrics import SystemMonitor
 from nanosweep.tracking import (
     CONFIG_HASH_TAG,
+    END_REASON_TAG,
     EXECUTOR_TAG,
     HOST_TAG,
     NODE_TAG,
@@ -39,6 +39,7 @@ from nanosweep.tracking import (
     TrackedRun,
     TrackingError,
     ensure_experiment,
+    ensure_store,
     existing_run,
 )
 from nanosweep.train import (
@@ -52,56 +53,6 @@ from nanosweep.train import (
     resolve_hardware,
     train_fused,
 )
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(BaseException):
-    """SIGTERM (or SIGINT) reached a trial: the run ends KILLED, its last checkpoint kept for resuming."""
-
-
-class StopSignals:
-    """SIGINT/SIGTERM as Interrupted. The first one interrupts and later ones are ignored, so they cannot cut
-    the runs' ending short; while one run of a fused group is being ended, the interruption waits until it is.
-    """
-
-    def __init__(self) -> None:
-        self.deferring = False
-        self.pending: str | None = None
-
-    def handle(self, signum: int, _frame: FrameType | None) -> None:
-        for stop in STOP_SIGNALS:
-            signal.signal(stop, signal.SIG_IGN)
-        name = signal.Signals(signum).name
-        if self.deferring:
-            self.pending = name
-            return
-        raise Interrupted(name)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """SIGINT and SIGTERM raise Interrupted (once) inside this block; the handlers before come back after it.
-        Sweeps, searches and trials all stop this way."""
-        previous = {stop: signal.signal(stop, self.handle) for stop in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for stop, handler in previous.items():
-                signal.signal(stop, handler)
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """A section that a stop signal does not interrupt; it raises Interrupted at its end instead."""
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.pending:
-            raise Interrupted(self.pending)
-
-
-stop_signals = StopSignals()
 
 
 def check_fits(cfg: TrainConfig, prepared: PreparedData) -> None:
@@ -225,7 +176,8 @@ def train_runs(
     """Train runs of one architecture fused in this process; each run ends on its own. Returns run id -> status.
 
     watch wraps each run's observer (a search's pruner, which may stop it early: FINISHED with its tags).
-    SIGTERM/SIGINT end every unfinished run KILLED (then re-raise); any other error ends them FAILED.
+    SIGTERM/SIGINT (Interrupted, under the command's stopping.stop_signals) end every unfinished run KILLED (then
+    re-raise); any other error ends them FAILED.
     """
     vocab = prepared.vocab()
     batches = Batches(prepared, hardware.device)
@@ -234,14 +186,14 @@ def train_runs(
     recorders = [RunRecorder(cfg, run, monitor) for cfg, run in specs]
     recorder_of: dict[int, RunRecorder] = {}  # id(Trial) -> its run
     # the heartbeat goes on until every run has ended
-    with stop_signals.installed(), Heartbeat(run.run_id for _, run in specs), monitor or contextlib.nullcontext():
+    with Heartbeat(run.run_id for _, run in specs), monitor or contextlib.nullcontext():
         try:
             trials = []
             for recorder in recorders:
                 model = build_model(recorder.cfg, vocab.size)
                 recorder.start(model, hardware, prepared, batches, tags)
                 try:
-                    checkpoint = recorder.run.download_checkpoint()
+                    checkpoint = recorder.run.download_checkpoint(recorder.cfg, model)
                 except CheckpointUnreadable as exc:  # this run fails (the sweep retrains it); its siblings go on
                     recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
                     continue
@@ -271,7 +223,7 @@ def train_runs(
         except (Interrupted, KeyboardInterrupt) as exc:
             # Ctrl-C reaches the sweep too, whose SIGTERM follows: stop_signals ignores it now
             for recorder in recorders:
-                recorder.end("KILLED", f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}")
+                recorder.end("KILLED", f"interrupted by {signal_name(exc)}")
             raise
         except BaseException as exc:
             with stop_signals.deferred():
@@ -311,7 +263,7 @@ def run_group(
     for cfg, run in runs:  # every run is checked before any is touched
         check_resumable(cfg, run)
     for _, run in runs:
-        run.mark_running()
+        run.take_over()
     return train_runs(runs, prepared, hardware, tags)
 
 
@@ -336,16 +288,17 @@ def run_trial(
     if run_id:
         run = TrackedRun(run_id)
         check_resumable(cfg, run)
-        run.mark_running()
+        run.take_over()
         if RUN_KIND_TAG not in run.info().data.tags:  # the run `mlflow run . -e train` made
             run.set_tags({RUN_KIND_TAG: "train"})
     else:
         if parent_run_id:
             existing_run(parent_run_id, "parent run")
+        ensure_store()
         tags = {RUN_KIND_TAG: "train", **(tags or {})}
         run = TrackedRun.create(ensure_experiment(experiment), cfg.run_name, tags, parent_run_id)
     status = train_runs([(cfg, run)], prepared, hardware, {}, watch)[run.run_id]
     if status != "FINISHED":
-        reason = run.info().data.tags.get("nanosweep.end_reason", "")
+        reason = run.info().data.tags.get(END_REASON_TAG, "")
         raise TrackingError(f"run {run.run_id} ({cfg.run_name}) ended {status}: {reason}")
     return run.run_id
