@@ -23,18 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanosweep.analysis import findings
-from nanosweep.analyze import log_analysis_run, staging, write_outputs
+from nanosweep.analysis.findings import findings
+from nanosweep.analysis.pipeline import log_analysis_run, staging, write_outputs
 from nanosweep.config import TrainConfig
-from nanosweep.grid import GridPoint, default_sweeps_dir, expand, load_members
-from nanosweep.query import histories, select
-from nanosweep.tracking import (
-    RUN_KIND_TAG,
-    TrackedRun,
-    connect,
-    ensure_experiment,
-)
-from nanosweep.train import build_model
+from nanosweep.group import build_model
+from nanosweep.study.grid import GridPoint, default_sweeps_dir, expand, load_members
+from nanosweep.tracking.names import RUN_KIND_TAG
+from nanosweep.tracking.query import histories, select
+from nanosweep.tracking.run import TrackedRun
+from nanosweep.tracking.store import connect, ensure_experiment
 
 VOCAB = 65
 EXPERIMENT = "nanosweep"

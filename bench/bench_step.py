@@ -24,7 +24,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, prepare
-from nanosweep.train import Trial, build_model, resolve_hardware, train_fused
+from nanosweep.group import Trial, build_model
+from nanosweep.hardware import resolve_hardware
+from nanosweep.train import train_fused
 
 VOCAB = 65
 

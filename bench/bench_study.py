@@ -34,16 +34,10 @@ import torch
 
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, find_input, prepare
-from nanosweep.grid import default_sweeps_dir, expand, load_members
-from nanosweep.train import (
-    FusedGroup,
-    Trial,
-    build_model,
-    estimate_losses,
-    plan_passes,
-    resolve_hardware,
-    train_fused,
-)
+from nanosweep.group import FusedGroup, Trial, build_model
+from nanosweep.hardware import resolve_hardware
+from nanosweep.study.grid import default_sweeps_dir, expand, load_members
+from nanosweep.train import estimate_losses, plan_passes, train_fused
 
 VOCAB = 65
 EVALS_PER_RUN = {1000: 6, 2000: 11}  # at 0, every 200 and at max_iters

@@ -37,20 +37,14 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, prepare
+from nanosweep.group import FusedGroup, TrainOutcome, Trial, build_model
+from nanosweep.hardware import Hardware
 from nanosweep.memory import PassPlan
 from nanosweep.model import GPT
-from nanosweep.tracking import TrackedRun, connect, ensure_experiment
-from nanosweep.train import (
-    FusedGroup,
-    Hardware,
-    TrainOutcome,
-    Trial,
-    build_model,
-    estimate_losses,
-    plan_passes,
-    train_fused,
-)
-from nanosweep.trial import RunRecorder
+from nanosweep.tracking.recorder import RunRecorder
+from nanosweep.tracking.run import TrackedRun
+from nanosweep.tracking.store import connect, ensure_experiment
+from nanosweep.train import estimate_losses, plan_passes, train_fused
 
 STAGES = ("tests", "probes", "throughput", "sweep", "nanogpt")
 VOCAB = 65
@@ -551,7 +545,8 @@ def time_run_bookkeeping(group: FusedGroup, batches: Batches, experiment_id: str
 
 def process_start_seconds() -> float:
     """A trial process's start before its first step: Python, torch, mlflow and nanosweep imports, device init."""
-    code = "import torch, mlflow, nanosweep.trial; torch.zeros(1, device='cuda' if torch.cuda.is_available() else None)"
+    device = "'cuda' if torch.cuda.is_available() else None"
+    code = f"import torch, mlflow, nanosweep.tracking.recorder; torch.zeros(1, device={device})"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - t0

@@ -12,7 +12,8 @@ import pytest
 
 from nanosweep.config import TrainConfig
 from nanosweep.data import PreparedData, find_input, prepare
-from nanosweep.tracking import HEARTBEAT_ENV, alive
+from nanosweep.tracking.heartbeat import alive
+from nanosweep.tracking.names import HEARTBEAT_ENV
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # a beat every 2 s (stale after 8 s) in the tests and the processes they start, instead of every 15 s

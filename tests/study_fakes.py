@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 
 from conftest import tiny_config
 from nanosweep.config import TrainConfig
-from nanosweep.tracking import TrackedRun
-from nanosweep.trial import run_trial
+from nanosweep.tracking.recorder import run_trial
+from nanosweep.tracking.run import TrackedRun
 
 Evals = dict[int, tuple[float, float]]  # step -> (train loss, val loss)
 

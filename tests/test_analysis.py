@@ -15,53 +15,13 @@ from mlflow import MlflowClient
 from statsmodels.stats.anova import anova_lm
 from statsmodels.stats.multitest import multipletests
 
-from conftest import tiny_config
-from nanosweep import analysis, plots, query, stats
-from nanosweep.analyze import analyze
-from nanosweep.cli import main
-from nanosweep.tracking import ensure_experiment
+from helpers import FINAL, HEADER, PARAMS, config, evals, log_study
+from nanosweep.analysis import findings, layout, plots, stats
+from nanosweep.analysis.pipeline import analyze
+from nanosweep.cli.main import main
+from nanosweep.tracking import query
+from nanosweep.tracking.store import ensure_experiment
 from study_fakes import artifact_uri, log_known_run, shared_store
-
-HEADER = "Experiment,Train Loss,Val Loss,Loss Gap,Total Params,Config Path"
-# two members x (n_embd 32/64) x (dropout 0.1/0.2): final (train, val) at step 20, hand-chosen
-FINAL = {
-    ("m1", 1): (2.0, 2.1),
-    ("m1", 2): (2.2, 2.25),
-    ("m1", 3): (1.7, 1.9),
-    ("m1", 4): (1.8, 1.95),
-    ("m2", 1): (1.9, 2.0),
-    ("m2", 2): (2.05, 2.1),
-    ("m2", 3): (1.6, 1.85),
-    ("m2", 4): (1.72, 1.8),
-}
-LAYERS = {"m1": 2, "m2": 3}
-PARAMS = {32: 30_000, 64: 110_000}
-
-
-def config(member: str, position: int):
-    n_embd = 32 if position <= 2 else 64
-    dropout = 0.1 if position % 2 else 0.2
-    return tiny_config(n_layer=LAYERS[member], n_embd=n_embd, dropout=dropout, seed=position)
-
-
-def evals(member: str, position: int) -> dict[int, tuple[float, float]]:
-    train, val = FINAL[member, position]
-    history = {0: (4.2, 4.2), 10: (train + 0.3, val + 0.3), 20: (train, val)}
-    if (member, position) == ("m1", 3):
-        history[10] = (1.75, 1.8)  # validation bottoms out at step 10, then rises 0.1: overfitting
-    return history
-
-
-def log_study(experiment_id: str) -> dict[tuple[str, int], str]:
-    """The eight runs, logged out of grid order (the analysis must sort them)."""
-    run_ids = {}
-    for member, position in [("m2", 3), ("m1", 4), ("m1", 1), ("m2", 1), ("m1", 3), ("m2", 4), ("m1", 2), ("m2", 2)]:
-        cfg = config(member, position)
-        global_id = position + (4 if member == "m2" else 0)
-        run_ids[member, position] = log_known_run(
-            experiment_id, member, position, global_id, cfg, evals(member, position), total_params=PARAMS[cfg.n_embd]
-        )
-    return run_ids
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +42,14 @@ def test_member_csv_header_rows_and_config_uri_are_exact(study):
         expected.append(f"{cfg.run_name},{train:.4f},{val:.4f},{val - train:.4f},{PARAMS[cfg.n_embd]},{uri}")
         assert Path(uri).read_text().startswith(f"# nanoGPT config of {cfg.run_name}")  # the URI is the artifact
     shuffled = runs.iloc[[2, 0, 3, 1]]  # rows come out in grid order whatever order they come in
-    assert analysis.results_csv(shuffled) == "\n".join(expected) + "\n"
+    assert layout.results_csv(shuffled) == "\n".join(expected) + "\n"
     assert expected[1] == f"b32_L2_H2_E32_BS4_MI20_D10_s1,2.0000,2.1000,0.1000,30000,{expected[1].split(',')[-1]}"
 
 
 def test_rows_follow_grid_order_within_a_member_and_global_id_overall(study):
     runs = query.select("nanosweep")
     assert list(zip(runs.member, runs.grid_position)) == [(m, p) for m in ("m1", "m2") for p in (1, 2, 3, 4)]
-    combined = pd.read_csv(pd.io.common.StringIO(analysis.combined_csv(runs)))
+    combined = pd.read_csv(pd.io.common.StringIO(layout.combined_csv(runs)))
     assert list(combined.global_id) == list(range(1, 9))
     assert {"n_head", "n_embd", "dropout", "batch_size", "max_iters", "learning_rate", "warmup_iters"} <= set(combined)
     assert list(combined.n_embd) == [32, 32, 64, 64] * 2 and list(combined.dropout) == [0.1, 0.2] * 4
@@ -97,24 +57,24 @@ def test_rows_follow_grid_order_within_a_member_and_global_id_overall(study):
 
 def test_rankings_by_val_loss_and_gap_on_the_hand_checked_table(study):
     runs = query.select("nanosweep")
-    by_val = analysis.rankings(runs, "val_loss")
+    by_val = findings.rankings(runs, "val_loss")
     # 1.80 m2p4, 1.85 m2p3, 1.90 m1p3, 1.95 m1p4, 2.00 m2p1, 2.10 m1p1 = m2p2 (tie, global id order), 2.25 m1p2
     names = [config(m, p).run_name for m, p in [("m2", 4), ("m2", 3), ("m1", 3), ("m1", 4), ("m2", 1), ("m1", 1)]]
     assert list(by_val.name[:6]) == names
     assert list(by_val["rank"]) == [1, 2, 3, 4, 5, 6, 6, 8]
     assert list(by_val.member[5:7]) == ["m1", "m2"]
     assert list(by_val.rank_in_member) == [1, 2, 1, 2, 3, 3, 4, 4]
-    by_gap = analysis.rankings(runs, "loss_gap")
+    by_gap = findings.rankings(runs, "loss_gap")
     # gaps m1: .10 .05 .20 .15; m2: .10 .05 .25 .08 -> .05 (m1p2, m2p2) .08 .10 .10 .15 .20 .25
     assert list(by_gap["rank"]) == [1, 1, 3, 4, 4, 6, 7, 8]
     assert by_gap.loss_gap.iloc[-1] == pytest.approx(0.25)
-    best = analysis.best_per_member(runs)
+    best = findings.best_per_member(runs)
     assert list(best.name) == [config("m1", 3).run_name, config("m2", 4).run_name]
 
 
 def test_main_effects_means_spread_and_balance_on_the_hand_checked_table(study):
     runs = query.select("nanosweep")
-    effects = analysis.main_effects(runs, "val_loss").set_index(["scope", "factor", "level"])
+    effects = findings.main_effects(runs, "val_loss").set_index(["scope", "factor", "level"])
     assert set(effects.index.get_level_values("factor")) == {"n_embd", "dropout", "n_layer"}
     assert effects.loc[("m1", "n_embd", 32), "mean"] == pytest.approx((2.1 + 2.25) / 2)
     assert effects.loc[("m1", "n_embd", 32), "std"] == pytest.approx(0.15 / math.sqrt(2))
@@ -125,17 +85,17 @@ def test_main_effects_means_spread_and_balance_on_the_hand_checked_table(study):
     assert effects.loc[("all", "n_layer", 3), "mean"] == pytest.approx(1.9375)
     assert effects.loc[("all", "n_layer", 3), "effect"] == pytest.approx(0.1125)
     assert effects["balanced"].all()
-    ranked = analysis.importance(analysis.main_effects(runs, "val_loss"))
+    ranked = findings.importance(findings.main_effects(runs, "val_loss"))
     assert list(ranked[ranked.scope == "all"].factor) == ["n_embd", "n_layer", "dropout"]
     # without m1's last run the grid is no longer balanced for any factor
     partial = runs.drop(index=runs.index[(runs.member == "m1") & (runs.grid_position == 4)])
-    partial_effects = analysis.main_effects(partial, "val_loss")
+    partial_effects = findings.main_effects(partial, "val_loss")
     assert not partial_effects[partial_effects.scope == "m1"]["balanced"].any()
 
 
 def test_overfitting_onset_from_the_evaluation_history(study):
     runs = query.select("nanosweep")
-    table = analysis.overfitting(runs, query.histories(list(runs.run_id))).set_index("name")
+    table = findings.overfitting(runs, query.histories(list(runs.run_id))).set_index("name")
     onset = table.loc[config("m1", 3).run_name]
     assert bool(onset.overfits) and onset.best_step == 10 and onset.rise_after_best == pytest.approx(0.1)
     assert table.overfits.sum() == 1 and (table.evaluations == 3).all()
@@ -144,7 +104,7 @@ def test_overfitting_onset_from_the_evaluation_history(study):
 def test_every_plot_shows_the_runs_data(study):
     runs = query.select("nanosweep")
     history = query.histories(list(runs.run_id))
-    f = analysis.findings(runs, history)
+    f = findings.findings(runs, history)
     m1 = runs[runs.member == "m1"]
 
     curves = plots.loss_curves("m1", m1, history)
@@ -266,7 +226,7 @@ def test_cli_prints_tables_and_refuses_unknown_member_without_writing(study, tmp
 
 def test_one_seed_per_point_says_there_is_no_noise_estimate_and_tests_against_the_interactions(study, tmp_path):
     runs = query.select("nanosweep")
-    f = analysis.findings(runs, query.histories(list(runs.run_id)))
+    f = findings.findings(runs, query.histories(list(runs.run_id)))
     assert (f.noise.source, f.noise.df) == (stats.INTERACTIONS, 1) and f.anova_val.balanced
     # the same numbers through statsmodels: main effects + two-way interactions, the three-way one is the residual
     expected = anova_lm(smf.ols("val_loss ~ (C(n_layer) + C(n_embd) + C(dropout))**2", runs).fit(), typ=2)
@@ -315,7 +275,7 @@ def test_replicates_rank_by_mean_and_ties_with_the_best_come_from_welch_and_holm
             log_known_run(experiment_id, "m1", position, position, cfg, {20: (value - 0.1, value)}, replicate=replicate)
     runs = query.select("nanosweep")
     assert list(zip(runs.grid_position, runs.replicate)) == [(p, r) for p in (1, 2, 3, 4) for r in (1, 2, 3)]
-    f = analysis.findings(runs, query.histories(list(runs.run_id)))
+    f = findings.findings(runs, query.histories(list(runs.run_id)))
     values = {p: runs[runs.grid_position == p].val_loss.to_numpy() for p in means}
     assert list(f.by_mean.grid_position) == [1, 2, 3, 4] and list(f.by_mean.test[1:]) == ["Welch"] * 3
     welch = [scipy.stats.ttest_ind(values[p], values[1], equal_var=False).pvalue for p in (2, 3, 4)]

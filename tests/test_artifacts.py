@@ -10,13 +10,13 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from conftest import tiny_config
-from nanosweep import query
-from nanosweep.artifacts import download, load_run_model
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
-from nanosweep.cli import main
+from nanosweep.cli.main import main
 from nanosweep.data import Vocab
+from nanosweep.models.download import download, load_run_model
 from nanosweep.sampling import SampleSettings, format_samples, generate_texts
-from nanosweep.tracking import ensure_experiment
+from nanosweep.tracking import query
+from nanosweep.tracking.store import ensure_experiment
 from study_fakes import log_known_run, shared_store, train_study_run
 
 TRAINED = tiny_config(seed=2).run_name  # grid point 2 is trained for real; point 1 has numbers only

@@ -27,13 +27,13 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from conftest import tiny_config
-from nanosweep.cli import failure_line, main
-from nanosweep.tracking import ensure_experiment
+from helpers import HEADER, SWEEPS
+from nanosweep.cli.main import main
+from nanosweep.cli.options import failure_line
+from nanosweep.tracking.store import ensure_experiment
 from study_fakes import log_known_run, shared_store, train_study_run
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--max-iters", "5", "--eval-iters", "2"]
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
-HEADER = "Experiment,Train Loss,Val Loss,Loss Gap,Total Params,Config Path"
 STUDY_ROW = "b64_L4_H4_E128_BS8_MI1000_D10_s1"  # shallow_small's grid point 1
 MEMBER = """\
 member: tiny
@@ -795,7 +795,7 @@ def test_an_unreachable_tracking_server_fails_fast_naming_the_uri(store):
 
 
 def test_the_ray_executor_without_ray_installed_says_how_to_install_it(store, sweeps_dir):
-    hide_ray = "import sys; sys.modules['ray'] = None; from nanosweep.cli import main; main()"  # as if not installed
+    hide_ray = "import sys; sys.modules['ray'] = None; from nanosweep.cli.main import main; main()"  # no Ray
     argv = [sys.executable, "-c", hide_ray, "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir)]
     result = subprocess.run([*argv, "--executor", "ray"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

@@ -2,71 +2,20 @@
 configuration) once. The claim under it is checked at a barrier of real processes (tests/integration does both
 through the PostgreSQL-backed server)."""
 
-import multiprocessing
 import os
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from conftest import heartbeat_stopped
-from nanosweep.grid import expand, load_members
-from nanosweep.tracking import HEARTBEAT_ENV, Claims, ensure_experiment
-from test_search import PATIENCE, write_space
-from test_sweep import wait_for
-
-TWO_POINTS = """\
-member: tiny
-global_id_offset: 200
-fixed: {block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, batch_size: 8, max_iters: 5}
-grid:
-  dropout: [0.0, 0.1]
-overrides: {device: cpu, eval_interval: 5, eval_iters: 1, gradient_accumulation_steps: 1, log_interval: 5,
-            warmup_iters: 2, num_samples: 1, max_new_tokens: 10}
-"""
-ROUNDS = 5
-
-
-def _take_at_barrier(uri: str, experiment_id: str, driver: str, barrier, results) -> None:
-    """One racer: every round, read the claims, wait for the others, take claim 1 of that round's point."""
-    mlflow.set_tracking_uri(uri)
-    for round in range(ROUNDS):
-        try:
-            claims = Claims()  # every racer read the claims before any took one: all try claim number 1
-            barrier.wait(timeout=120)
-            results.put((round, driver, claims.take(experiment_id, "full", f"hash{round}", driver)))
-        except Exception as exc:
-            results.put((round, driver, f"{type(exc).__name__}: {exc}"))
-
-
-def claim_together(uri: str, experiment_id: str, racers: int) -> dict[int, dict[str, str]]:
-    """racers processes take the same claim at once, ROUNDS times: round -> {driver: the winner it was told}."""
-    context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(racers), context.Queue()
-    procs = [
-        context.Process(target=_take_at_barrier, args=(uri, experiment_id, f"d{i}", barrier, results))
-        for i in range(racers)
-    ]
-    for proc in procs:
-        proc.start()
-    told: dict[int, dict[str, str]] = {}
-    for _ in range(ROUNDS * racers):
-        round, driver, winner = results.get(timeout=300)
-        told.setdefault(round, {})[driver] = winner
-    for proc in procs:
-        proc.join(timeout=60)
-    return told
-
-
-def assert_one_winner_each_round(told: dict[int, dict[str, str]]) -> None:
-    assert sorted(told) == list(range(ROUNDS))
-    for round in told.values():
-        assert len(set(round.values())) == 1, round  # every racer names the same winner ...
-        assert sum(driver == winner for driver, winner in round.items()) == 1, round  # ... and it is one of them
+from helpers import PATIENCE, ROUNDS, TWO_POINTS, assert_one_winner_each_round, claim_together, wait_for, write_space
+from nanosweep.study.grid import expand, load_members
+from nanosweep.tracking.names import HEARTBEAT_ENV
+from nanosweep.tracking.store import ensure_experiment
 
 
 def test_of_processes_taking_one_claim_at_a_barrier_exactly_one_wins(store):
@@ -120,7 +69,8 @@ def test_two_searches_of_one_study_started_together_never_train_a_configuration_
 CLAIM_AND_DIE = """\
 import os, sys
 import mlflow
-from nanosweep.tracking import Claims, TrackedRun
+from nanosweep.tracking.claims import Claims
+from nanosweep.tracking.run import TrackedRun
 mlflow.set_tracking_uri(sys.argv[1])
 parent = TrackedRun.create(sys.argv[2], "sweep-tiny-full", {"run_kind": "sweep"})
 Claims().take(sys.argv[2], "full", sys.argv[3], parent.run_id)

@@ -17,7 +17,9 @@ import torch
 from conftest import Recorder, tiny_config
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
-from nanosweep.train import Hardware, Trial, build_model, train_fused
+from nanosweep.group import Trial, build_model
+from nanosweep.hardware import Hardware
+from nanosweep.train import train_fused
 
 FP32 = Hardware(torch.device("cpu"), torch.float32)
 BF16 = Hardware(torch.device("cpu"), torch.bfloat16)

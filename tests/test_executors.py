@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from nanosweep.executors import LocalProcessPool, TrialLaunch, plan_slots, visible_gpus
 from nanosweep.memory import PROCESSES_PER_GPU_ENV
+from nanosweep.study.executors.base import TrialLaunch
+from nanosweep.study.executors.local import LocalProcessPool, plan_slots, visible_gpus
 
 
 @pytest.mark.parametrize(

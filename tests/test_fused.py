@@ -10,11 +10,14 @@ from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
+from nanosweep.group import Trial, build_model, fusion_key
+from nanosweep.hardware import resolve_hardware
 from nanosweep.model import GPT
 from nanosweep.sampling import SampleSettings, generate_texts
-from nanosweep.tracking import TrackedRun, ensure_experiment
-from nanosweep.train import Trial, build_model, fusion_key, resolve_hardware, train, train_fused
-from nanosweep.trial import run_group, run_trial
+from nanosweep.tracking.recorder import run_group, run_trial
+from nanosweep.tracking.run import TrackedRun
+from nanosweep.tracking.store import ensure_experiment
+from nanosweep.train import train, train_fused
 
 
 def fused(configs: list[TrainConfig], prepared) -> tuple[list[Recorder], dict]:

@@ -9,17 +9,12 @@ from mlflow import MlflowClient
 from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 from nanosweep.data import Batches
-from nanosweep.tracking import TrackedRun, ensure_experiment
-from nanosweep.train import (
-    FusedGroup,
-    Trial,
-    build_model,
-    plan_passes,
-    resolve_hardware,
-    train,
-    train_fused,
-)
-from nanosweep.trial import run_group
+from nanosweep.group import FusedGroup, Trial, build_model
+from nanosweep.hardware import resolve_hardware
+from nanosweep.tracking.recorder import run_group
+from nanosweep.tracking.run import TrackedRun
+from nanosweep.tracking.store import ensure_experiment
+from nanosweep.train import plan_passes, train, train_fused
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -4,9 +4,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_the_gpu_check_smoke_run_writes_every_stage_and_a_summary(prepared, tmp_path):

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nanosweep.cli import main
-from nanosweep.grid import GridError, expand, load_member, load_members
+from helpers import SWEEPS
+from nanosweep.cli.main import main
+from nanosweep.study.grid import GridError, expand, load_member, load_members
 
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 MEMBERS = {  # block_size, n_layer, global id offset
     "shallow_small": (64, 4, 0),
     "deep_small": (64, 6, 32),

@@ -1,5 +1,6 @@
-"""What a trial process loads beyond `import torch, mlflow` (mlflow itself brings pandas and scipy): the analysis
-stack never (statsmodels, optuna), matplotlib only at a run's end (its loss curve). Every trial pays for each import.
+"""What a trial process and the served model load beyond `import torch, mlflow` (mlflow itself brings pandas and
+scipy): the analysis stack never (statsmodels, optuna), matplotlib only at a trial's run's end (its loss curve) and
+never in the served model. Every trial and every model server pays for each import.
 """
 
 import json
@@ -23,7 +24,7 @@ atexit.register(lambda: print(json.dumps(report())))
 sys.argv = ["nanosweep", "train", *sys.argv[1:]]
 runpy.run_module("nanosweep", run_name="__main__")
 """
-NEVER = ("statsmodels", "optuna")  # the analysis stack (nanosweep.stats) and the search's
+NEVER = ("statsmodels", "optuna")  # the analysis stack (nanosweep.analysis.stats) and the search's
 TINY = "--block-size 32 --n-layer 2 --n-head 2 --n-embd 32 --batch-size 4 --gradient-accumulation-steps 1 "
 TINY += "--max-iters 10 --eval-interval 10 --eval-iters 2 --warmup-iters 5 --num-samples 1 --max-new-tokens 20 "
 TINY += "--device cpu"
@@ -47,4 +48,20 @@ def test_a_trial_process_loads_no_analysis_stack_and_matplotlib_only_at_its_runs
     assert not [m for m in end if m.startswith(NEVER)], [m for m in end if m.startswith(NEVER)]
     assert not top_level(start) & MATPLOTLIB
     assert top_level(set(end) - set(start)) - top_level(start) <= MATPLOTLIB | {"nanosweep"}  # the run's end
-    assert "nanosweep.loss_curve" in end and "nanosweep.stats" not in end and "nanosweep.plots" not in end
+    assert "nanosweep.loss_curve" in end and not {"nanosweep.analysis.stats", "nanosweep.analysis.plots"} & set(end)
+
+
+SERVED = """
+import json, sys
+import torch, mlflow
+baseline = set(sys.modules)
+import nanosweep.models.textgen  # what `mlflow models serve` runs to load the model (models from code)
+print(json.dumps(sorted(set(sys.modules) - baseline)))
+"""
+
+
+def test_the_served_model_loads_no_analysis_stack_search_or_matplotlib():
+    done = subprocess.run([sys.executable, "-c", SERVED], capture_output=True, text=True, timeout=300, check=True)
+    loaded = top_level(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert "nanosweep" in loaded, "the probe loaded the served model's code"
+    assert not loaded & {*NEVER, *MATPLOTLIB}, sorted(loaded & {*NEVER, *MATPLOTLIB})

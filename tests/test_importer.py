@@ -2,59 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlflow
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from nanosweep import query
-from nanosweep.artifacts import download, load_run_model
-from nanosweep.cli import main
-from nanosweep.importer import StudyFormatError, import_study
-from nanosweep.model import GPTConfig, init_weights
+from helpers import HEADER, ROWS, SWEEPS, study_folder
+from nanosweep.cli.main import main
+from nanosweep.models.download import download, load_run_model
+from nanosweep.models.importer import StudyFormatError, import_study
 from nanosweep.sampling import SampleSettings, generate_texts
-
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
-HEADER = "Experiment,Train Loss,Val Loss,Loss Gap,Total Params,Config Path"
-# shallow_small's grid points 1-3: the study's names, numbers and (rounded) parameter counts
-ROWS = [
-    ("b64_L4_H4_E128_BS8_MI1000_D10_s1", 2.2018, 2.2313, 0.0295),
-    ("b64_L4_H4_E128_BS8_MI1000_D20_s2", 2.2510, 2.2601, 0.0091),
-    ("b64_L4_H4_E128_BS8_MI2000_D10_s3", 1.9101, 1.9702, 0.0601),
-]
-
-
-def nanogpt_checkpoint(path: Path, iter_num: int, best_val_loss: float) -> None:
-    """A checkpoint as nanoGPT writes it (best_val_loss a 0-d tensor) for the study's L4/E128 model."""
-    config = GPTConfig(block_size=64, vocab_size=65, n_layer=4, n_head=4, n_embd=128, dropout=0.1)
-    path.parent.mkdir(parents=True)
-    torch.save(
-        {
-            "model": init_weights(config, seed=1),
-            "model_args": config.to_model_args(),
-            "iter_num": iter_num,
-            "best_val_loss": torch.tensor(best_val_loss),
-            "config": {"dataset": "shakespeare_char", "max_iters": 2000},
-        },
-        path,
-    )
-
-
-def study_folder(root: Path) -> Path:
-    """nanoGPT_results_vijay_shallow_small with results.csv, checkpoints for points 1 and 3 (2 is missing), samples."""
-    folder = root / "nanoGPT_results_vijay_shallow_small"
-    (folder / "samples").mkdir(parents=True)
-    lines = [HEADER] + [f"{n},{t},{v},{g},800000.0,/content/nanoGPT/{n}.py" for n, t, v, g in ROWS]
-    (folder / "results.csv").write_text("\n".join(lines) + "\n")
-    nanogpt_checkpoint(folder / ROWS[0][0] / "ckpt.pt", 1000, 2.2313)
-    nanogpt_checkpoint(folder / ROWS[2][0] / "ckpt.pt", 1800, 1.9650)  # the study's MI2000 runs stopped at 1800
-    for name, *_ in ROWS:
-        (folder / "samples" / f"{name}.txt").write_text(f"ROMEO: samples of {name}\n")
-    (folder / "samples" / f"{ROWS[0][0]}0.txt").write_text("another run's file\n")  # a name prefix is not a match
-    return folder
+from nanosweep.tracking import query
 
 
 def test_import_creates_runs_with_the_studys_params_metrics_and_artifacts(store, prepared, tmp_path):

@@ -10,9 +10,11 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from conftest import tiny_config
 from nanosweep.data import Batches
+from nanosweep.group import Trial, build_model
+from nanosweep.hardware import Hardware
 from nanosweep.memory import DoesNotFit, PassPlan, device_share, plan_from_peaks
 from nanosweep.model import GPT
-from nanosweep.train import Hardware, Trial, build_model, train_fused
+from nanosweep.train import train_fused
 
 CPU = Hardware(torch.device("cpu"), torch.float32)
 TOTAL = 8  # tiny_config: 2 micro-batches of 4 sequences per step

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from conftest import tiny_config
-from nanosweep.artifacts import load_run_model
-from nanosweep.cli import main
+from nanosweep.cli.main import main
+from nanosweep.models.download import load_run_model
 from nanosweep.sampling import SampleSettings, generate_texts
-from nanosweep.tracking import ensure_experiment
+from nanosweep.tracking.store import ensure_experiment
 from study_fakes import log_known_run, train_study_run
 
 SERVE_TIMEOUT = 45  # seconds for the scoring server to answer /ping

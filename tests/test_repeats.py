@@ -11,8 +11,8 @@ from mlflow import MlflowClient
 from statsmodels.stats.anova import anova_lm
 
 from conftest import TINY_MEMBER
-from nanosweep.analyze import analyze
-from test_sweep import finish, study_runs, sweep
+from helpers import finish, study_runs, sweep
+from nanosweep.analysis.pipeline import analyze
 
 GRID = [(10, 0.0), (10, 0.1), (20, 0.0), (20, 0.1)]  # TINY_MEMBER's (max_iters, dropout), in grid order
 

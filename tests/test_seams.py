@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conftest import TINY_MEMBER, heartbeat_stopped
-from nanosweep.tracking import TrackedRun, ensure_experiment
-from test_sweep import REPO, wait_for
+from helpers import REPO, wait_for
+from nanosweep.tracking.run import TrackedRun
+from nanosweep.tracking.store import ensure_experiment
 
 BIN = Path(sys.executable).parent
 ONE_LONG_POINT = """\

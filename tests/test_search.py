@@ -11,28 +11,10 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import heartbeat_stopped
-from nanosweep.search import SearchError, make_sampler, open_study, redacted, study_storage
-from nanosweep.space import SpaceError, load_space
-from test_sweep import finish, study_runs, wait_for
-
-TINY_SPACE = """\
-profile: full
-objective: val_loss
-fixed: {block_size: 32, n_layer: 2, n_embd: 32, batch_size: 8, eval_interval: %(every)s, eval_iters: 2,
-        gradient_accumulation_steps: 1, log_interval: 5, warmup_iters: 10, num_samples: 1, max_new_tokens: 20,
-        max_iters: %(iters)s}
-params:
-  n_head: {choices: [2, 4]}
-  learning_rate: %(lr)s
-"""
-LR_RANGE = "{low: 1.0e-5, high: 1.0e-2, log: true}"
-PATIENCE = 900  # seconds a search may take on a loaded machine (about a minute when the CPU is free)
-
-
-def write_space(folder: Path, name: str = "tiny", iters: int = 40, every: int = 10, lr: str = LR_RANGE) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(TINY_SPACE % {"iters": iters, "every": every, "lr": lr})
-    return path
+from helpers import PATIENCE, SWEEPS, finish, study_runs, wait_for, write_space
+from nanosweep.study.optuna_study import SearchError, make_sampler, open_study, study_storage
+from nanosweep.study.pruning import redacted
+from nanosweep.study.space import SpaceError, load_space
 
 
 def search(space: Path, *args: str, **popen) -> subprocess.Popen:
@@ -190,7 +172,7 @@ def test_the_cli_refuses_a_malformed_space_in_one_line_and_writes_nothing(store,
 
 
 def test_the_example_space_covers_the_study_dimensions_and_the_learning_rate():
-    space = load_space(Path(__file__).resolve().parents[1] / "sweeps" / "search" / "width_lr.yaml")
+    space = load_space(SWEEPS / "search" / "width_lr.yaml")
     study_dims = {"block_size", "n_layer", "n_head", "n_embd", "batch_size", "max_iters", "dropout"}
     assert set(space.params) == study_dims | {"learning_rate"}
     assert space.params["learning_rate"].log and space.name == "width_lr"

@@ -13,17 +13,10 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import TINY_MEMBER
+from helpers import SWEEPS, TRAIN, log_study, study_folder, write_space
 from nanosweep.filelocks import OwnedFolder
-from nanosweep.stopping import Interrupted, stop_signals
-from nanosweep.tracking import ensure_experiment
-from test_analysis import log_study
-from test_importer import SWEEPS, study_folder
-from test_search import write_space
-
-TRAIN = [
-    *("--block-size", "32", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--batch-size", "4"),
-    *("--eval-iters", "2", "--gradient-accumulation-steps", "1", "--num-samples", "1", "--max-new-tokens", "20"),
-]
+from nanosweep.signals import Interrupted, stop_signals
+from nanosweep.tracking.store import ensure_experiment
 
 
 def nanosweep(env: dict, *args: str) -> subprocess.Popen:

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.store.db.utils import _get_latest_schema_revision
 
-from test_stopping import TRAIN
+from helpers import TRAIN
 
 TINY = ["train", *TRAIN, "--max-iters", "2", "--eval-interval", "2"]
 QUICK_MEMBER = """\

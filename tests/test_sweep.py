@@ -4,46 +4,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from conftest import TINY_MEMBER, heartbeat_stopped
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def sweep(sweeps_dir: Path, *args: str, **popen) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "nanosweep", "sweep", "--member", "tiny", "--sweeps-dir", str(sweeps_dir), *args]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    output, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, output
-
-
-def study_runs(kind: str = "trial") -> list:
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name("nanosweep")
-    return client.search_runs([experiment.experiment_id], f"tags.run_kind = '{kind}'") if experiment else []
+from helpers import REPO, finish, study_runs, sweep, wait_for
 
 
 def wait_until_started(proc: subprocess.Popen) -> None:
     """Read the sweep's output up to its first progress line: the store exists then (no creation race with it)."""
     while "grid points" not in (line := proc.stdout.readline()):
         assert line, "the sweep ended before it started"
-
-
-def wait_for(predicate, timeout: float = 300.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def test_sweep_nests_tagged_children_under_one_parent_and_a_rerun_skips_them_all(store, sweeps_dir):

@@ -5,8 +5,9 @@ import time
 
 from mlflow import MlflowClient
 
-from nanosweep.system_metrics import SystemMonitor
-from nanosweep.tracking import TrackedRun, ensure_experiment
+from nanosweep.tracking.run import TrackedRun
+from nanosweep.tracking.store import ensure_experiment
+from nanosweep.tracking.system_metrics import SystemMonitor
 
 CPU_METRIC = "system/cpu_utilization_percentage"
 

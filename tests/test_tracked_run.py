@@ -15,14 +15,14 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from conftest import tiny_config
+from helpers import REPO
 from nanosweep.checkpoint import load_checkpoint
-from nanosweep.cli import main
+from nanosweep.cli.main import main
 from nanosweep.config import TrainConfig
 from nanosweep.data import SHA256
-from nanosweep.tracking import TrackedRun, ensure_experiment
-from nanosweep.trial import run_trial, trial_spec
-
-REPO = Path(__file__).resolve().parents[1]
+from nanosweep.tracking.recorder import run_trial, trial_spec
+from nanosweep.tracking.run import TrackedRun
+from nanosweep.tracking.store import ensure_experiment
 
 
 def cli_args(cfg: TrainConfig) -> list[str]:

@@ -9,8 +9,9 @@ from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
+from nanosweep.group import build_model, learning_rate
 from nanosweep.sampling import SampleSettings, generate_texts
-from nanosweep.train import build_model, learning_rate, train
+from nanosweep.train import train
 
 
 def run(cfg: TrainConfig, prepared, resume_from=None):

@@ -1,3 +1,3 @@
-from nanosweep.cli import main
+from nanosweep.cli.main import main
 
 main()

@@ -57,8 +57,8 @@ def mismatch(checkpoint: dict[str, Any], cfg: TrainConfig, model: GPT) -> str | 
     expected_args = model.config.to_model_args()
     if checkpoint["model_args"] != expected_args:
         return f"model_args {checkpoint['model_args']}, the run's {expected_args}"
-    expected = {name: tuple(weight.shape) for name, weight in model.state_dict().items()}
-    found = {name: tuple(weight.shape) for name, weight in checkpoint["model"].items()}
+    expected = {name: tuple(weight.shape) for name, weight in model.trial_state(0).items()}  # nanoGPT's layout
+    found = {name.removeprefix("_orig_mod."): tuple(weight.shape) for name, weight in checkpoint["model"].items()}
     if found != expected:
         name = min(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
         return f"weight {name} of shape {found.get(name)}, the run's {expected.get(name)}"

@@ -1,7 +1,7 @@
 """One run's loss curve as a PNG: what a trial process draws at its run's end, with matplotlib alone.
 
-The study's figures (plots.py) need the analysis stack (pandas tables, scipy and statsmodels intervals); a trial
-process must not load it, so the one figure it draws lives here.
+The study's figures (analysis/plots.py) need the analysis stack (pandas tables, scipy and statsmodels intervals); a
+trial process must not load it, so the one figure it draws lives here.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from nanosweep.config import TrainConfig
-from nanosweep.train import RunObserver
+from nanosweep.group import RunObserver
 
 LINE_SECONDS = 30.0  # without a terminal: a line at every evaluation, and between them at most this often
 

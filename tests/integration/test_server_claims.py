@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from test_claims import ROUNDS, TWO_POINTS, assert_one_winner_each_round, claim_together
+from helpers import ROUNDS, TWO_POINTS, assert_one_winner_each_round, claim_together
 
 from .server_checks import unique_experiment
 

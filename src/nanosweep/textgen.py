@@ -1,7 +1,0 @@
-"""The served model's code (MLflow models-from-code): loading the model runs this file, no pickle is involved."""
-
-import mlflow
-
-from nanosweep.registry import TextGenerator
-
-mlflow.models.set_model(TextGenerator())
