@@ -97,10 +97,10 @@ def train_fused(
     trials: list[Trial],
     batches: Batches,
     hw: Hardware,
-    ended: Callable[[Trial, TrainOutcome | Diverged | StoppedEarly], None],
+    on_end: Callable[[Trial, TrainOutcome | Diverged | StoppedEarly], None],
     plan: PassPlan | None = None,
 ) -> None:
-    """Train trials of one fusion_key together, each to its own max_iters; `ended` hears of each as it stops.
+    """Train trials of one fusion_key together, each to its own max_iters; `on_end` hears of each as it stops.
 
     A finished, diverged or stopped trial leaves the stack; the rest go on. plan says how many sequences a pass
     holds (plan_passes decides for this device when it is not given).
@@ -116,7 +116,7 @@ def train_fused(
     def end(results: list[tuple[RunningTrial, TrainOutcome | Diverged | StoppedEarly]]) -> None:
         group.leave([run for run, _ in results])
         for run, result in results:
-            ended(run.trial, result)
+            on_end(run.trial, result)
 
     while group.runs:
         # evaluate and checkpoint the trials whose iteration calls for it (the stack is evaluated whole)

@@ -18,6 +18,7 @@ from nanosweep.filelocks import create_once, sqlite_file
 from nanosweep.study.pruning import (
     PRUNED_AT_TAG,
     PRUNED_TAG,
+    check_storage,
     live_trial,
     make_pruner,
     open_storage,
@@ -77,6 +78,7 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None, trials: int) -
 def open_backend(storage: str) -> BaseStorage:
     """The study's storage, opened; a new SQLite database for it is made once and whole (filelocks.create_once),
     whoever starts at the same time."""
+    check_storage(storage)  # a bad URL is named as such, before any file is made for it
     database = sqlite_file(storage)
     if database is not None:
         create_once(database, lambda path: open_storage(f"sqlite:///{path}").engine.dispose())

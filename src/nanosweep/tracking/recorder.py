@@ -80,7 +80,7 @@ class RunRecorder:
     cfg: TrainConfig
     run: TrackedRun
     monitor: SystemMonitor | None = None  # the process's system metrics (runs on a GPU), logged to this run too
-    ended: str = ""  # FINISHED, FAILED or KILLED once the run is ended
+    final_status: str = ""  # FINISHED, FAILED or KILLED once the run is ended
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.run.log_metrics(metrics, step)
@@ -148,12 +148,12 @@ class RunRecorder:
 
     def end(self, status: str, reason: str | None = None) -> None:
         """End the run once; one whose final flush failed was already ended FAILED by TrackedRun.finish."""
-        if not self.ended and not self.run.ended:
-            self.ended = status
+        if not self.final_status and not self.run.ended:
+            self.final_status = status
             if self.monitor is not None:
                 self.monitor.detach(self.run)
             self.run.finish(status, reason)
-        self.ended = self.ended or "FAILED"
+        self.final_status = self.final_status or "FAILED"
 
 
 def train_runs(
@@ -194,7 +194,7 @@ def train_runs(
                 trials.append(Trial(recorder.cfg, model, watch(observer) if watch else observer, checkpoint))
                 recorder_of[id(trials[-1])] = recorder
 
-            def ended(trial: Trial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
+            def on_end(trial: Trial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
                 recorder = recorder_of[id(trial)]
                 with stop_signals.deferred():
                     if isinstance(result, Diverged):
@@ -209,7 +209,7 @@ def train_runs(
                             recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
 
             if trials:
-                train_fused(trials, batches, hardware, ended)
+                train_fused(trials, batches, hardware, on_end)
         except (Interrupted, KeyboardInterrupt) as exc:
             # Ctrl-C reaches the sweep too, whose SIGTERM follows: stop_signals ignores it now
             for recorder in recorders:
@@ -220,7 +220,7 @@ def train_runs(
                 for recorder in recorders:
                     recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
             raise
-    return {recorder.run.run_id: recorder.ended for recorder in recorders}
+    return {recorder.run.run_id: recorder.final_status for recorder in recorders}
 
 
 def trial_spec(cfg: TrainConfig, run_id: str) -> str:

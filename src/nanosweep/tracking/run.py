@@ -295,9 +295,12 @@ class TrackedRun:
         """Flush everything, then end the run FINISHED, FAILED or KILLED (with the reason as a tag).
 
         When the flush or the last upload fails, the run ends FAILED with that reason (never FINISHED with
-        metrics or a checkpoint missing) and the error is raised. A stop signal waits until the run has ended.
+        metrics or a checkpoint missing) and the error is raised. A stop signal waits until the run has ended; one
+        that came before (still waiting to be raised) ends it KILLED, as the command was stopped before it ended.
         """
         with stop_signals.deferred():
+            if status == "FINISHED" and stop_signals.received:
+                status, reason = "KILLED", f"interrupted by {stop_signals.received}"
             try:
                 self.flush_and_wait()
             except BaseException as exc:
