@@ -24,9 +24,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, prepare
-from nanosweep.group import Trial, build_model
-from nanosweep.hardware import resolve_hardware
 from nanosweep.train import train_fused
+
+try:  # the layout since issue 18
+    from nanosweep.group import Trial, build_model
+    from nanosweep.hardware import resolve_hardware
+except ImportError:  # an earlier version, measured side by side
+    from nanosweep.train import Trial, build_model, resolve_hardware
 
 VOCAB = 65
 

@@ -6,10 +6,12 @@ from urllib.parse import urlparse
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from nanosweep.checkpoint import load_checkpoint
 from nanosweep.tracking.run import FLUSH_SECONDS, METRIC_BATCH, CheckpointUploader, MetricBuffer, TrackedRun
 from nanosweep.tracking.store import ensure_experiment
 
@@ -30,10 +32,13 @@ def history(run_id: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient().get_metric_history(run_id, "iter_loss")]
 
 
-def checkpoint_file(tmp_path: Path) -> Path:
+CHECKPOINT = {"iter_num": 10, "model": {"w": torch.arange(4.0)}}
+
+
+def checkpoint_path(tmp_path: Path) -> Path:
+    """Where a run's checkpoint of iteration 10 is saved on its way to the store."""
     path = tmp_path / "iter10" / "ckpt.pt"
     path.parent.mkdir()
-    path.write_bytes(b"the weights")
     return path
 
 
@@ -77,15 +82,17 @@ def test_a_timer_flush_that_fails_is_kept_and_raised_once_in_the_training_thread
     buffer.raise_timer_error()  # reported: nothing left to raise
 
 
-def test_an_upload_arrives_as_the_runs_checkpoint_tagged_with_its_iteration_and_its_local_file_goes(run_id, tmp_path):
-    path = checkpoint_file(tmp_path)
+def test_a_checkpoint_is_saved_and_arrives_as_the_runs_tagged_with_its_iteration_and_its_local_file_goes(
+    run_id, tmp_path
+):
+    path = checkpoint_path(tmp_path)
     uploader = CheckpointUploader(MlflowClient(), run_id)
-    uploader.start(path, 10, after=[])
+    uploader.start(CHECKPOINT, path, after=[])
     uploader.wait()
     back = tmp_path / "back"
     back.mkdir()
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="ckpt.pt", dst_path=str(back))
-    assert Path(local).read_bytes() == b"the weights"
+    assert torch.equal(load_checkpoint(local)["model"]["w"], CHECKPOINT["model"]["w"])
     assert MlflowClient().get_run(run_id).data.tags["nanosweep.checkpoint_iter"] == "10"
     assert not path.exists()
 
@@ -96,7 +103,7 @@ def test_an_upload_waits_for_the_metrics_before_it_and_fails_when_they_fail_stor
     buffer.add(points(range(3)))
     buffer.flush()
     uploader = CheckpointUploader(MlflowClient(), run_id)
-    uploader.start(checkpoint_file(tmp_path), 10, after=buffer.take_pending())
+    uploader.start(CHECKPOINT, checkpoint_path(tmp_path), after=buffer.take_pending())
     with pytest.raises(MlflowException, match="must be in the 'active' state"):
         uploader.wait()
     assert MlflowClient().list_artifacts(run_id) == []  # a resume never finds a checkpoint newer than its metrics
@@ -106,11 +113,19 @@ def test_an_upload_that_fails_is_raised_once_at_wait_and_its_local_file_goes(run
     artifacts = Path(urlparse(MlflowClient().get_run(run_id).info.artifact_uri).path)
     artifacts.parent.mkdir(parents=True, exist_ok=True)
     artifacts.write_text("a file where the artifact folder should be")  # the upload's destination is unusable
-    path = checkpoint_file(tmp_path)
+    path = checkpoint_path(tmp_path)
     uploader = CheckpointUploader(MlflowClient(), run_id)
-    uploader.start(path, 10, after=[])
+    uploader.start(CHECKPOINT, path, after=[])
     with pytest.raises(OSError):
         uploader.wait()
     uploader.wait()  # reported: nothing left to raise
     assert "nanosweep.checkpoint_iter" not in MlflowClient().get_run(run_id).data.tags
     assert not path.exists()
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_raised_at_wait_and_nothing_is_uploaded(run_id, tmp_path):
+    uploader = CheckpointUploader(MlflowClient(), run_id)
+    uploader.start(CHECKPOINT, tmp_path / "no-such-folder" / "ckpt.pt", after=[])  # torch.save cannot write there
+    with pytest.raises(RuntimeError, match="no-such-folder"):
+        uploader.wait()
+    assert MlflowClient().list_artifacts(run_id) == []

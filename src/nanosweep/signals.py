@@ -52,9 +52,11 @@ class StopSignals:
         self.depth = 0  # deferred sections now running, nested
         self.unraisable_hook = sys.unraisablehook  # the one before installed(), for what is not ours
         self.active = False  # inside installed()
+        self.again = False  # the next handle() is the received signal delivered again, not a new one
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received:
+        again, self.again = self.again, False
+        if self.received and not again:
             return  # the process is stopping already: nothing may cut that short
         self.received = signal.Signals(signum).name
         if self.depth:
@@ -81,7 +83,7 @@ class StopSignals:
 
     def deliver_again(self, name: str) -> None:
         if self.active:  # the command has not ended meanwhile
-            self.received = None
+            self.again = True
             _thread.interrupt_main(signal.Signals[name])  # the main thread runs handle() as for the real signal
 
     @contextlib.contextmanager
@@ -95,9 +97,15 @@ class StopSignals:
             yield
         finally:
             self.active = False
+            self.received = self.pending = None  # outside the command no stop is on its way
             sys.unraisablehook = self.unraisable_hook
             for stop, handler in previous.items():
                 signal.signal(stop, handler)
+
+    @property
+    def stopping(self) -> str | None:
+        """The stop signal this command received (raised already, or still on its way), if one came."""
+        return self.received if self.active else None
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

@@ -21,7 +21,14 @@ from nanosweep.checkpoint import load_checkpoint, mismatch, save_checkpoint
 from nanosweep.filelocks import OwnedFolder
 from nanosweep.signals import stop_signals
 from nanosweep.tracking.heartbeat import heartbeat_now
-from nanosweep.tracking.names import CHECKPOINT, CHECKPOINT_KEYS, END_REASON_TAG, PARENT_RUN_TAG, PRIMARY_METRIC
+from nanosweep.tracking.names import (
+    CHECKPOINT,
+    CHECKPOINT_ITER_TAG,
+    CHECKPOINT_KEYS,
+    END_REASON_TAG,
+    PARENT_RUN_TAG,
+    PRIMARY_METRIC,
+)
 from nanosweep.tracking.open_runs import open_runs
 from nanosweep.tracking.store import TrackingError
 
@@ -103,7 +110,8 @@ class MetricBuffer:
 
 
 class CheckpointUploader:
-    """Uploads a run's checkpoints on a background thread, so training goes on meanwhile; wait raises what failed."""
+    """Saves and uploads a run's checkpoints on a background thread, so training goes on meanwhile (a checkpoint
+    holds CPU copies, which training does not touch again); wait raises what failed."""
 
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
@@ -111,16 +119,17 @@ class CheckpointUploader:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def start(self, path: Path, iter_num: int, after: list[Any]) -> None:
-        """Upload path as the run's checkpoint of iteration iter_num once the async operations `after` are done,
-        then delete it. One upload at a time: the caller waits for the last one first."""
+    def start(self, checkpoint: dict[str, Any], path: Path, after: list[Any]) -> None:
+        """Save checkpoint to path and upload it as the run's once the async operations `after` are done, then
+        delete the file. One upload at a time: the caller waits for the last one first."""
 
         def upload() -> None:
             try:
+                save_checkpoint(checkpoint, path)
                 for operation in after:
                     operation.wait()
                 self.client.log_artifact(self.run_id, str(path))
-                self.client.log_batch(self.run_id, tags=[RunTag("nanosweep.checkpoint_iter", str(iter_num))])
+                self.client.log_batch(self.run_id, tags=[RunTag(CHECKPOINT_ITER_TAG, str(checkpoint["iter_num"]))])
             except BaseException as exc:  # re-raised in the training thread by wait
                 self._error = exc
             finally:
@@ -229,10 +238,8 @@ class TrackedRun:
         self.wait_for_upload()
         folder = self.scratch / f"iter{checkpoint['iter_num']}"
         folder.mkdir()
-        path = folder / CHECKPOINT
-        save_checkpoint(checkpoint, path)
         # metrics up to this iteration reach the store before the checkpoint does: a resume never leaves a gap
-        self._uploads.start(path, checkpoint["iter_num"], after=self._metrics.take_pending())
+        self._uploads.start(checkpoint, folder / CHECKPOINT, after=self._metrics.take_pending())
 
     def wait_for_upload(self) -> None:
         self._uploads.wait()
@@ -299,8 +306,8 @@ class TrackedRun:
         that came before (still waiting to be raised) ends it KILLED, as the command was stopped before it ended.
         """
         with stop_signals.deferred():
-            if status == "FINISHED" and stop_signals.received:
-                status, reason = "KILLED", f"interrupted by {stop_signals.received}"
+            if status == "FINISHED" and stop_signals.stopping:
+                status, reason = "KILLED", f"interrupted by {stop_signals.stopping}"
             try:
                 self.flush_and_wait()
             except BaseException as exc:
