@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanosweep.config import DATASET, ConfigError, TrainConfig
+from nanosweep.config import DATASET, TRAIN_FIELDS, ConfigError, TrainConfig
 from nanosweep.model import GPT, GPTConfig
-
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def make_checkpoint(
@@ -66,7 +63,7 @@ def mismatch(checkpoint: dict[str, Any], cfg: TrainConfig, model: GPT) -> str | 
     if not isinstance(iter_num, int) or not 0 <= iter_num <= cfg.max_iters:
         return f"iter_num={iter_num!r}, outside the run's 0..max_iters={cfg.max_iters}"
     try:
-        trained = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in CONFIG_FIELDS})
+        trained = TrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in TRAIN_FIELDS})
     except (ConfigError, TypeError) as exc:
         return f"its config is not a valid one ({exc})"
     if trained.config_hash != cfg.config_hash:

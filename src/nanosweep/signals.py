@@ -108,6 +108,17 @@ class StopSignals:
         return self.received if self.active else None
 
     @contextlib.contextmanager
+    def kept(self) -> Iterator[None]:
+        """SIGINT's and SIGTERM's handlers as they are now, back after the block whatever it installed: ray.init
+        installs Ray's own at the C level, which abort the process instead of ending its runs."""
+        handlers = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for stop, handler in handlers.items():
+                signal.signal(stop, handler)
+
+    @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """A section that a stop signal does not interrupt; the outermost one raises Interrupted at its end instead."""
         self.depth += 1

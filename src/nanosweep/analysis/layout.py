@@ -9,7 +9,7 @@ import io
 
 import pandas as pd
 
-from nanosweep.tracking.query import CONFIG_FIELDS
+from nanosweep.config import TRAIN_FIELDS
 
 STUDY_HEADER = ["Experiment", "Train Loss", "Val Loss", "Loss Gap", "Total Params", "Config Path"]
 # the hyperparameters the study varies: block_size and n_layer between members, the rest within one
@@ -22,7 +22,7 @@ COMBINED_COLUMNS = [
     "name",
     "profile",
     "run_kind",
-    *CONFIG_FIELDS,
+    *TRAIN_FIELDS,
     "total_params",
     "train_loss",
     "val_loss",

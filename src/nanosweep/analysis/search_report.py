@@ -26,7 +26,7 @@ from nanosweep.study.optuna_study import ITERATIONS_ATTR, RUN_ID_ATTR, RUN_NAME_
 from nanosweep.study.pruning import open_storage  # noqa: E402
 from nanosweep.study.search import redacted
 
-TOP = 10  # trials shown in the report's ranking (the CSV holds them all)
+TOP_TRIALS = 10  # trials shown in the report's ranking (the CSV holds them all)
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,9 @@ def build_report(study: optuna.Study, trials: pd.DataFrame, source: str, missing
                 f"Trial {best['trial']} reached validation loss **{best['val_loss']:.4f}** "
                 f"(run **{best['run_name']}**, `{best['run_id']}`) with {params}."
             ),
-            document.Table(complete.head(TOP).drop(columns=["run_id"]), f"Top {min(TOP, len(complete))} trials"),
+            document.Table(
+                complete.head(TOP_TRIALS).drop(columns=["run_id"]), f"Top {min(TOP_TRIALS, len(complete))} trials"
+            ),
         ]
     pruned = trials[trials["state"] == "PRUNED"]
     if len(pruned):

@@ -27,7 +27,7 @@ from nanosweep.tracking.names import CHECKPOINT
 from nanosweep.tracking.query import SelectionError
 
 VOCAB = "vocab.json"
-SAMPLES = "samples"
+SAMPLES_FOLDER = "samples"  # a run's generated texts, as artifacts and in the study folder
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,10 @@ def run_transfers(run_id: str, name: str, folder: Path) -> list[Transfer]:
     for info in client.list_artifacts(run_id):
         if info.path == CHECKPOINT:
             transfers.append(Transfer(run_id, info.path, folder / name / CHECKPOINT, info.file_size))
-    for info in client.list_artifacts(run_id, SAMPLES):
+    for info in client.list_artifacts(run_id, SAMPLES_FOLDER):
         if not info.is_dir:
-            transfers.append(Transfer(run_id, info.path, folder / SAMPLES / Path(info.path).name, info.file_size))
+            local = folder / SAMPLES_FOLDER / Path(info.path).name
+            transfers.append(Transfer(run_id, info.path, local, info.file_size))
     return transfers
 
 

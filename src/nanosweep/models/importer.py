@@ -75,7 +75,7 @@ def member_of(folder: Path, member: str | None) -> str:
     return match["member"]
 
 
-def _number(path: Path, line: int, column: str, text: str) -> float:
+def _csv_number(path: Path, line: int, column: str, text: str) -> float:
     """A number of the CSV: a loss or a parameter count is finite (float() also reads nan and inf)."""
     try:
         value = float(text)
@@ -111,8 +111,8 @@ def read_results(path: Path, points: dict[str, GridPoint], member: str) -> list[
         if name in seen:
             raise StudyFormatError(f"{path}, line {number}: {name} appears twice")
         seen.add(name)
-        train, val, gap = (_number(path, number, c, t) for c, t in zip(STUDY_HEADER[1:4], fields[1:4]))
-        _number(path, number, STUDY_HEADER[4], fields[4])
+        train, val, gap = (_csv_number(path, number, c, t) for c, t in zip(STUDY_HEADER[1:4], fields[1:4]))
+        _csv_number(path, number, STUDY_HEADER[4], fields[4])
         rows.append(StudyRow(number, points[name], train, val, gap, fields[4], fields[5]))
     if not rows:
         raise StudyFormatError(f"{path}: no runs below the header")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 from collections.abc import Callable
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nanosweep.config import ConfigError, TrainConfig
+from nanosweep.config import TRAIN_FIELDS, ConfigError, TrainConfig
 from nanosweep.textfiles import read_yaml
 from nanosweep.tracking.names import (
     CONFIG_HASH_TAG,
@@ -23,7 +22,6 @@ from nanosweep.tracking.names import (
     TRIAL_RUN,
 )
 
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 MEMBER_KEYS = {"member", "description", "global_id_offset", "repeats", "fixed", "grid", "overrides"}
 SEED_STRIDE = 1000  # replicate r of grid position p has seed p + SEED_STRIDE * (r - 1): no two points share a seed
 MAX_RUNS = 100_000  # grid points x repeats of one member: more is a typo, not a study (and would not fit in memory)
@@ -81,7 +79,7 @@ def load_member(path: Path) -> Member:
         if not isinstance(section, dict):
             raise GridError(f"{path}: key {key!r} must be a mapping of TrainConfig fields, got {section!r}")
         for name in section:
-            if name not in CONFIG_FIELDS:
+            if name not in TRAIN_FIELDS:
                 raise GridError(f"{path}: key '{key}.{name}' is not a TrainConfig field")
         sections[key] = section
     if not sections["grid"]:

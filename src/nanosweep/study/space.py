@@ -75,7 +75,7 @@ class SearchSpace:
         return PROFILES[self.profile](TrainConfig(**{**self.fixed, **values}))
 
 
-def _number(path: Path, key: str, value: Any, kind: type) -> int | float:
+def _bound(path: Path, key: str, value: Any, kind: type) -> int | float:
     """A bound or step of the field's type."""
     allowed = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, allowed):
@@ -102,7 +102,7 @@ def _distribution(path: Path, name: str, spec: Any) -> BaseDistribution:
         if set(spec) != {"choices"} or not isinstance(choices, list) or not choices:
             raise SpaceError(f"{path}: key {key!r} must be {{choices: [a non-empty list]}} alone, got {spec!r}")
         if kind in (int, float):
-            choices = [_number(path, f"{key}.choices", c, kind) for c in choices]
+            choices = [_bound(path, f"{key}.choices", c, kind) for c in choices]
         wrong = [c for c in choices if not isinstance(c, kind)]
         if wrong:
             raise SpaceError(f"{path}: key '{key}.choices' holds {wrong[0]!r}: {name} takes {kind.__name__} values")
@@ -117,14 +117,14 @@ def _distribution(path: Path, name: str, spec: Any) -> BaseDistribution:
         raise SpaceError(f"{path}: key {key!r} is {spec!r}: use {usage}")
     if kind not in (int, float):
         raise SpaceError(f"{path}: key {key!r}: {name} is a {kind.__name__} field: only choices are allowed")
-    low = _number(path, f"{key}.low", spec["low"], kind)
-    high = _number(path, f"{key}.high", spec["high"], kind)
+    low = _bound(path, f"{key}.low", spec["low"], kind)
+    high = _bound(path, f"{key}.high", spec["high"], kind)
     for bound, value in (("low", low), ("high", high)):  # a field's allowed values are an interval: ends suffice
         _allowed(path, f"{key}.{bound}", name, value)
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise SpaceError(f"{path}: key '{key}.log' must be true or false, got {log!r}")
-    step = _number(path, f"{key}.step", spec["step"], kind) if "step" in spec else None
+    step = _bound(path, f"{key}.step", spec["step"], kind) if "step" in spec else None
     try:
         if kind is int:
             return IntDistribution(low, high, log=log, step=step or 1)

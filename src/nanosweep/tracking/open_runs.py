@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from nanosweep.signals import Interrupted, signal_name, stop_signals
 
-if TYPE_CHECKING:
-    from nanosweep.tracking.run import TrackedRun
+
+class EndableRun(Protocol):
+    """What ending a run needs of it (a TrackedRun): its id, its state in the store, and its end."""
+
+    run_id: str
+
+    def info(self) -> Any: ...
+
+    def finish(self, status: str, reason: str | None = None) -> None: ...
 
 
 class OpenRuns:
@@ -22,9 +29,9 @@ class OpenRuns:
     """
 
     def __init__(self) -> None:
-        self._runs: dict[str, TrackedRun] = {}
+        self._runs: dict[str, EndableRun] = {}
 
-    def add(self, run: TrackedRun) -> None:
+    def add(self, run: EndableRun) -> None:
         self._runs[run.run_id] = run
 
     def discard(self, run_id: str) -> None:

@@ -6,7 +6,6 @@ they see exactly what the tracking store holds and never a local folder it does 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,7 +15,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from nanosweep.config import TrainConfig
+from nanosweep.config import TRAIN_FIELDS, TrainConfig
 from nanosweep.tracking.names import (
     CHECKPOINT,
     GLOBAL_ID_TAG,
@@ -37,7 +36,6 @@ RESULT_KINDS = (TRIAL_RUN, IMPORTED_RUN)  # runs that hold a trained configurati
 ALL_MEMBERS = "all"
 AUTO_PROFILE = "auto"
 CURVE_METRICS = ("train_loss", "val_loss")  # the evaluations: what loss curves and overfitting need
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 HISTORY_THREADS = 8  # metric histories are one request per run and key; overlap them
 
@@ -63,7 +61,7 @@ def _row(run: Any) -> dict[str, Any] | None:
         "replicate": int(tags.get(REPLICATE_TAG, 1)),  # imported and older runs carry one seed: replicate 1
     }
     defaults = TrainConfig()
-    for field in CONFIG_FIELDS:
+    for field in TRAIN_FIELDS:
         default = getattr(defaults, field)
         row[field] = type(default)(params[field]) if field in params else default
     row["total_params"] = int(float(params["total_params"])) if "total_params" in params else None

@@ -112,7 +112,8 @@ class RayExecutor(Executor):
     def __init__(self, address: str | None, workers: int, trials_per_gpu: int, input_path: Path):
         send_token_if_at_hand()
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            with stop_signals.kept():  # a stop signal ends the sweep's runs, as without Ray
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except ConnectionError as exc:
             raise ExecutorError(
                 f"cannot reach a Ray cluster at {address or os.environ.get('RAY_ADDRESS')!r} ({exc}): start one with "
