@@ -92,17 +92,22 @@ def test_sigterm_while_a_sweep_writes_its_summary_leaves_its_parent_ended(user_e
     assert code in (0, 130), output  # the signal came at the summary, or once the parent was ending
 
 
-def test_sigterm_while_analyze_logs_its_run_ends_it_killed_and_writes_nothing(user_env, tmp_path):
+def test_sigterm_while_analyze_logs_its_run_ends_it_killed_or_whole_and_half_writes_nothing(user_env, tmp_path):
     log_study(ensure_experiment("nanosweep"))
     out = tmp_path / "results"
     proc = nanosweep(user_env, "analyze", "--member", "m1", "--out", str(out))
     run = run_appears(proc, "analysis")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # the run logs its files for some tens of ms: the signal may come at their end
     code, output = stopped(proc)
     assert_none_running()
-    assert MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
-    assert sorted(p.name for p in out.iterdir()) == []  # no staging folder, no half-published analysis
-    assert code == 130 and "analyze interrupted (SIGTERM): nothing was written to --out" in output, output
+    ended = MlflowClient().get_run(run.info.run_id)
+    logged = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "analysis-m1")]
+    assert ended.info.status == "KILLED" or (ended.info.status == "FINISHED" and "analysis-m1/report.html" in logged)
+    published = sorted(p.name for p in out.iterdir())
+    if code == 130:  # the signal came before the analysis was published: no staging folder, nothing half-published
+        assert published == [] and "analyze interrupted (SIGTERM): nothing was written to --out" in output, output
+    else:  # it came once everything was done
+        assert (code, ended.info.status, published) == (0, "FINISHED", ["analysis-m1", "nanoGPT_results_vijay_m1"])
 
 
 def test_sigterm_during_import_results_ends_the_run_being_imported_killed(user_env, tmp_path):
