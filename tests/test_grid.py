@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from helpers import SWEEPS
 from nanosweep.cli.main import main
-from nanosweep.study.grid import GridError, expand, load_member, load_members
+from nanosweep.study.grid import GridError, default_sweeps_dir, expand, load_member, load_members
 
 MEMBERS = {  # block_size, n_layer, global id offset
     "shallow_small": (64, 4, 0),
@@ -186,3 +186,10 @@ def test_two_member_files_with_one_member_name_are_refused_naming_both(tmp_path,
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["sweep", "--member", "tiny", "--sweeps-dir", str(tmp_path), "--dry-run"])
     assert (result.exit_code, result.output) == (1, f"Error: {message}\n")
+
+
+def test_outside_a_checkout_the_default_sweeps_dir_is_this_checkouts_with_the_four_members(tmp_path, monkeypatch):
+    monkeypatch.delenv("NANOSWEEP_SWEEPS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./sweeps here
+    assert default_sweeps_dir() == SWEEPS.resolve()
+    assert {m.name for m in load_members(default_sweeps_dir(), "all")} >= {"shallow_small", "deep_large"}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nanosweep
 from nanosweep.config import TRAIN_FIELDS, ConfigError, TrainConfig
 from nanosweep.textfiles import read_yaml
 from nanosweep.tracking.names import (
@@ -36,7 +37,8 @@ def default_sweeps_dir() -> Path:
     if os.environ.get("NANOSWEEP_SWEEPS_DIR"):
         return Path(os.environ["NANOSWEEP_SWEEPS_DIR"])
     here = Path("sweeps")
-    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "sweeps"
+    checkout = Path(nanosweep.__file__).resolve().parents[2]  # src/nanosweep/__init__.py -> the checkout
+    return here if here.is_dir() else checkout / "sweeps"
 
 
 @dataclass(frozen=True)
