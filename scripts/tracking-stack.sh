@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A shared tracking stack without Docker: PostgreSQL (Debian's package, a private cluster) as the
-# backend store and `mlflow server` with proxied artifacts and basic auth, both on 127.0.0.1.
+# backend store and `mlflow server` with proxied artifacts and basic auth, both on 127.0.0.1. The same
+# PostgreSQL holds the database `optuna`, for `nanosweep search`'s studies (every node of a cluster reaches it).
 #
 #   scripts/tracking-stack.sh start            install what is missing, start both, wait for /health
-#   scripts/tracking-stack.sh env              the exports a client needs (URI and credentials)
+#   scripts/tracking-stack.sh env              the exports a client needs (URI, credentials, Optuna storage)
 #   scripts/tracking-stack.sh test-env         the exports the server tests need (tests/integration/)
 #   scripts/tracking-stack.sh status           what runs, and where
 #   scripts/tracking-stack.sh restart-server [SECONDS_DOWN]   stop the MLflow server, wait, start it again
@@ -90,7 +91,7 @@ start_postgres() {
       die "PostgreSQL did not start: see $PG/postgres.log"
   fi
   psql_admin -c "ALTER ROLE nanosweep PASSWORD '$POSTGRES_PASSWORD'"
-  for db in mlflow mlflow_auth; do
+  for db in mlflow mlflow_auth optuna; do
     [ "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" = 1 ] || psql_admin -c "CREATE DATABASE $db"
   done
 }
@@ -152,11 +153,14 @@ stop_postgres() {
   fi
 }
 
+optuna_storage() { echo "postgresql+psycopg://nanosweep:$POSTGRES_PASSWORD@127.0.0.1:$PG_PORT/optuna"; }
+
 print_env() {
   write_secrets
   echo "export MLFLOW_TRACKING_URI=$URI"
   echo "export MLFLOW_TRACKING_USERNAME=$MLFLOW_ADMIN_USERNAME"
   echo "export MLFLOW_TRACKING_PASSWORD=$MLFLOW_ADMIN_PASSWORD"
+  echo "export NANOSWEEP_OPTUNA_STORAGE=$(optuna_storage)"
 }
 
 print_test_env() {
@@ -164,6 +168,7 @@ print_test_env() {
   echo "export NANOSWEEP_TEST_SERVER_URI=$URI"
   echo "export NANOSWEEP_TEST_SERVER_USERNAME=$MLFLOW_ADMIN_USERNAME"
   echo "export NANOSWEEP_TEST_SERVER_PASSWORD=$MLFLOW_ADMIN_PASSWORD"
+  echo "export NANOSWEEP_TEST_OPTUNA_STORAGE=$(optuna_storage)"
 }
 
 case "${1:-}" in
@@ -173,6 +178,7 @@ case "${1:-}" in
     start_postgres
     start_server
     say "MLflow server on $URI (PostgreSQL backend on 127.0.0.1:$PG_PORT, artifacts in $STACK_DIR/artifacts)"
+    say "Optuna studies: database optuna on the same PostgreSQL (NANOSWEEP_OPTUNA_STORAGE in env)"
     say "a client needs:  eval \"\$(bash scripts/tracking-stack.sh env)\""
     ;;
   env) print_env ;;

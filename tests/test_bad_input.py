@@ -506,7 +506,13 @@ CASES = [
     Case(
         "search-no-trials",
         lambda s: [*search_space("s.yaml", SPACE)(s), "--trials", "0"],
-        "trials=0, workers=1 are not allowed: both must be >= 1",
+        "trials=0, workers=1 are not allowed: trials >= 1, workers >= 0",
+        new=False,
+    ),
+    Case(
+        "search-executor-unknown",
+        search_space("s.yaml", SPACE, "--executor", "k8s"),
+        "executor='k8s' is not allowed: choose one of local, ray",
         new=False,
     ),
     Case(

@@ -127,6 +127,17 @@ def test_two_workers_never_train_the_same_configuration(store, tmp_path):
     assert sorted(r.info.status for r in study_runs("search_trial")) == ["FINISHED"] * 4
 
 
+def test_a_grid_search_trains_the_whole_grid_once_and_ends_finished(store, tmp_path):
+    space = write_space(tmp_path, iters=10, lr="{choices: [0.001, 0.003]}")  # 2 heads x 2 rates: 4 configurations
+    code, output = finish(search(space, "--trials", "4", "--workers", "2", "--sampler", "grid"), PATIENCE)
+    assert code == 0, output  # the last tell covers the grid: Optuna's grid sampler stopped an optimize() loop there
+    trials = launched(study(tmp_path))
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials) == 4
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    [parent] = study_runs("search")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 4
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

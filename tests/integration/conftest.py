@@ -4,14 +4,25 @@
   NANOSWEEP_TEST_SERVER_URI       e.g. http://127.0.0.1:5000
   NANOSWEEP_TEST_SERVER_USERNAME  an account of the server's basic auth (the admin)
   NANOSWEEP_TEST_SERVER_PASSWORD
+  NANOSWEEP_TEST_OPTUNA_STORAGE   the stack's Optuna database (searches get it as NANOSWEEP_OPTUNA_STORAGE)
 Without them the `server` and `browser` tests skip; with NANOSWEEP_REQUIRE_SERVER=1 (CI) they fail instead.
+
+A test module that asks for `ray_cluster` gets a real two-node Ray cluster of its own (ray.cluster_utils.Cluster:
+a head and a worker node, each with its own raylet and one CPU). Every packet stays on loopback: the nodes bind
+127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray use the loopback address for its nodes, as it does on a
+laptop, instead of this machine's network address), and what Ray would send elsewhere at start-up (cloud metadata
+probes) goes to a closed loopback proxy port. The cluster uses Ray's token authentication, its token in a file
+that RAY_AUTH_TOKEN_PATH names; commands run with RAY_AUTH_MODE unset, so they must send the token they find by
+themselves, as after `ray start --head`.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +48,13 @@ class Server:
     password: str
     workdir: Path
     started_by_stack_script: bool = False
+    optuna_storage: str = ""  # the stack's Optuna database, as `tracking-stack.sh env` exports it to a client
 
     def env(self, authenticated: bool = True) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env.update(MLFLOW_TRACKING_URI=self.uri, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+        if self.optuna_storage:
+            env["NANOSWEEP_OPTUNA_STORAGE"] = self.optuna_storage
         if authenticated:
             env.update(MLFLOW_TRACKING_USERNAME=self.username, MLFLOW_TRACKING_PASSWORD=self.password)
         return env
@@ -88,7 +102,8 @@ def server(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> 
     password = os.environ.get("NANOSWEEP_TEST_SERVER_PASSWORD", "")
     status = subprocess.run(["bash", str(STACK_SCRIPT), "status"], capture_output=True, text=True)
     ours = f"on {uri}, healthy" in status.stdout
-    return Server(uri.rstrip("/"), username, password, tmp_path_factory.mktemp("server-cwd"), ours)
+    storage = os.environ.get("NANOSWEEP_TEST_OPTUNA_STORAGE", "")
+    return Server(uri.rstrip("/"), username, password, tmp_path_factory.mktemp("server-cwd"), ours, storage)
 
 
 @dataclass
@@ -114,3 +129,56 @@ def tiny_sweep(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Swee
     parents, children = sweep_runs(client, experiment.experiment_id)
     assert len(parents) == 1, [p.info.run_name for p in parents]
     return Sweep(name, experiment.experiment_id, sweeps_dir, parents[0], children)
+
+
+# ---- a real two-node Ray cluster on loopback (module docstring) --------------------------------------------------
+
+LOOPBACK_ONLY = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # read when ray is imported: nodes on 127.0.0.1
+    "RAY_USAGE_STATS_ENABLED": "0",
+    **{proxy: "http://127.0.0.1:9" for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+    **{no_proxy: "127.0.0.1,localhost,::1" for no_proxy in ("NO_PROXY", "no_proxy")},
+}
+
+
+@dataclass
+class RayCluster:
+    cluster: Any  # ray.cluster_utils.Cluster
+    head_id: str
+    worker: Any  # the worker node, for killing it
+    worker_id: str
+    worker_data_dir: Path  # the worker node's own data dir: it starts without tiny Shakespeare
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    saved = dict(os.environ)
+    token_file = tmp_path_factory.mktemp("ray-auth") / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    with_token = {**LOOPBACK_ONLY, "RAY_AUTH_TOKEN_PATH": str(token_file)}  # what the sweeps get: no RAY_AUTH_MODE
+    os.environ.update({**with_token, "RAY_AUTH_MODE": "token"})
+    from ray._raylet import Config
+    from ray.cluster_utils import Cluster  # after the environment above: Ray reads it on import
+
+    Config.initialize("")  # this process (the cluster's driver) in token mode, even if Ray was imported before
+
+    node_args = dict(num_cpus=1, object_store_memory=80 * 2**20)
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    # the worker node finds no text: no NANOSWEEP_INPUT, an empty data dir; its trials get the driver's copy
+    worker_data_dir = tmp_path_factory.mktemp("worker-node-data")
+    os.environ.pop("NANOSWEEP_INPUT", None)
+    os.environ["NANOSWEEP_DATA_DIR"] = str(worker_data_dir)
+    worker = cluster.add_node(**node_args)
+    os.environ.clear()
+    os.environ.update({**saved, **with_token})
+    cluster.wait_for_nodes()
+    try:
+        yield RayCluster(cluster, cluster.head_node.node_id, worker, worker.node_id, worker_data_dir)
+    finally:
+        cluster.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -104,3 +107,26 @@ def sweep_runs(client: MlflowClient, experiment_id: str) -> tuple[list[Any], lis
     parents = [r for r in runs if r.data.tags.get("run_kind") == "sweep"]
     children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
     return parents, sorted(children, key=lambda r: int(r.data.tags["grid_position"]))
+
+
+class OffLoopbackWatch:
+    """Samples the machine's TCP connections while a test runs; collects every remote address off loopback."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            for conn in psutil.net_connections(kind="inet"):
+                if conn.raddr and not ipaddress.ip_address(conn.raddr.ip.removeprefix("::ffff:")).is_loopback:
+                    self.seen.add(f"{conn.raddr.ip}:{conn.raddr.port} ({conn.status})")
+
+    def __enter__(self) -> OffLoopbackWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

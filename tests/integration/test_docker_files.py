@@ -70,6 +70,17 @@ def test_ray_nodes_run_the_trainer_image_with_gpus_on_the_workers_and_credential
     assert "ray" in (DOCKER / "Dockerfile").read_text().split("AS trainer", 1)[1]  # the image has the extra
 
 
+def test_searches_find_their_optuna_database_on_the_stacks_postgres_from_the_trainer_and_every_ray_node(
+    compose,
+) -> None:
+    initdb = "".join(path.read_text() for path in sorted((DOCKER / "initdb").glob("*.sql")))
+    assert "CREATE DATABASE optuna;" in initdb  # made beside MLflow's when the volume is new
+    for name in ("trainer", "ray-head", "ray-worker"):
+        storage = compose["services"][name]["environment"]["NANOSWEEP_OPTUNA_STORAGE"]
+        assert storage.startswith("postgresql+psycopg://mlflow:") and storage.endswith("@postgres:5432/optuna")
+    assert "server" in (DOCKER / "Dockerfile").read_text().split("AS trainer", 1)[1]  # psycopg in the image
+
+
 def test_secrets_come_from_an_uncommitted_env_file_with_a_committed_example() -> None:
     text = COMPOSE.read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))

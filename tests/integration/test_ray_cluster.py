@@ -1,26 +1,14 @@
-"""Sweeps on a real two-node Ray cluster (ray.cluster_utils.Cluster: a head and a worker node, each with its own
-raylet and one CPU) logging to the PostgreSQL-backed tracking server; a worker node killed mid-trial.
-
-Every packet stays on loopback: the nodes bind 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray use the
-loopback address for its nodes, as it does on a laptop, instead of this machine's network address), and what Ray
-would send elsewhere at start-up (cloud metadata probes) goes to a closed loopback proxy port. A thread watching
-the machine's TCP connections during the sweep checks it.
-
-The cluster uses Ray's token authentication, its token in a file that RAY_AUTH_TOKEN_PATH names; the sweeps run
-with RAY_AUTH_MODE unset, so they must send the token they find by themselves, as after `ray start --head`.
+"""Sweeps on a real two-node Ray cluster (conftest.ray_cluster) logging to the PostgreSQL-backed tracking server;
+a worker node killed mid-trial. A thread watching the machine's TCP connections checks that every packet stays
+on loopback.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import secrets
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,86 +16,17 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from nanosweep.data import PreparedData
-
-from .conftest import Server
-from .server_checks import missing_or_doubled, sweep_runs, unique_experiment, wait_until, write_member
+from .conftest import RayCluster, Server
+from .server_checks import (
+    OffLoopbackWatch,
+    missing_or_doubled,
+    sweep_runs,
+    unique_experiment,
+    wait_until,
+    write_member,
+)
 
 pytestmark = pytest.mark.server
-
-LOOPBACK_ONLY = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # read when ray is imported: nodes on 127.0.0.1
-    "RAY_USAGE_STATS_ENABLED": "0",
-    **{proxy: "http://127.0.0.1:9" for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
-    **{no_proxy: "127.0.0.1,localhost,::1" for no_proxy in ("NO_PROXY", "no_proxy")},
-}
-
-
-@dataclass
-class RayCluster:
-    cluster: Any  # ray.cluster_utils.Cluster
-    head_id: str
-    worker: Any  # the worker node, for killing it
-    worker_id: str
-    worker_data_dir: Path  # the worker node's own data dir: it starts without tiny Shakespeare
-
-    @property
-    def address(self) -> str:
-        return self.cluster.address
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    saved = dict(os.environ)
-    token_file = tmp_path_factory.mktemp("ray-auth") / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    with_token = {**LOOPBACK_ONLY, "RAY_AUTH_TOKEN_PATH": str(token_file)}  # what the sweeps get: no RAY_AUTH_MODE
-    os.environ.update({**with_token, "RAY_AUTH_MODE": "token"})
-    from ray._raylet import Config
-    from ray.cluster_utils import Cluster  # after the environment above: Ray reads it on import
-
-    Config.initialize("")  # this process (the cluster's driver) in token mode, even if Ray was imported before
-
-    node_args = dict(num_cpus=1, object_store_memory=80 * 2**20)
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
-    # the worker node finds no text: no NANOSWEEP_INPUT, an empty data dir; its trials get the driver's copy
-    worker_data_dir = tmp_path_factory.mktemp("worker-node-data")
-    os.environ.pop("NANOSWEEP_INPUT", None)
-    os.environ["NANOSWEEP_DATA_DIR"] = str(worker_data_dir)
-    worker = cluster.add_node(**node_args)
-    os.environ.clear()
-    os.environ.update({**saved, **with_token})
-    cluster.wait_for_nodes()
-    try:
-        yield RayCluster(cluster, cluster.head_node.node_id, worker, worker.node_id, worker_data_dir)
-    finally:
-        cluster.shutdown()
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-class OffLoopbackWatch:
-    """Samples the machine's TCP connections while a test runs; collects every remote address off loopback."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.2):
-            for conn in psutil.net_connections(kind="inet"):
-                if conn.raddr and not ipaddress.ip_address(conn.raddr.ip.removeprefix("::ffff:")).is_loopback:
-                    self.seen.add(f"{conn.raddr.ip}:{conn.raddr.port} ({conn.status})")
-
-    def __enter__(self) -> OffLoopbackWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
 
 def ray_sweep(server: Server, cluster: RayCluster, sweeps_dir: Path, experiment: str, *extra: str) -> list[str]:
     return [

@@ -123,6 +123,22 @@ storage_option = click.option(
 )
 
 
+executor_option = click.option(
+    "--executor",
+    default="local",
+    show_default=True,
+    help="where trials run: local (processes here) or ray (tasks on a Ray cluster; pip install 'nanosweep[ray]')",
+)
+
+
+ray_address_option = click.option(
+    "--ray-address",
+    default=None,
+    help="the Ray cluster, e.g. HEAD:6379 (default: RAY_ADDRESS, else the cluster `ray start` started on this "
+    "machine, else a local Ray started for the command)",
+)
+
+
 experiment_option = click.option(
     "--experiment",
     default=None,

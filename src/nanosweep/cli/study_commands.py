@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from nanosweep.cli.options import (
+    executor_option,
     experiment_option,
     input_option,
+    ray_address_option,
     stops_cleanly,
     storage_option,
     sweeps_dir_option,
@@ -44,18 +46,8 @@ from nanosweep.tracking.store import connect
     show_default=True,
     help="seeds per grid point; 0 = the member file's `repeats` (default 1)",
 )
-@click.option(
-    "--executor",
-    default="local",
-    show_default=True,
-    help="where trials run: local (processes here) or ray (tasks on a Ray cluster; pip install 'nanosweep[ray]')",
-)
-@click.option(
-    "--ray-address",
-    default=None,
-    help="the Ray cluster, e.g. HEAD:6379 (default: RAY_ADDRESS, else the cluster `ray start` started on this "
-    "machine, else a local Ray started for the sweep)",
-)
+@executor_option
+@ray_address_option
 @sweeps_dir_option
 @click.option("--dry-run", is_flag=True, help="show what would run, resume or be skipped, and stop")
 @input_option
@@ -105,8 +97,16 @@ def sweep_command(
 @click.option("--trials", type=int, required=True, help="trials to train in total, counting earlier invocations")
 @click.option("--sampler", default="tpe", show_default=True, help="Optuna sampler: tpe, random, grid or cmaes")
 @click.option("--pruner", default="asha", show_default=True, help="Optuna pruner: asha, hyperband, median or none")
-@click.option("--workers", type=int, default=1, show_default=True, help="trials at once")
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="trials at once; 0 = one per GPU slot or Ray cluster CPU, or 1 on a CPU here",
+)
 @click.option("--sampler-seed", type=int, default=None, help="seed of the sampler, for repeatable proposals")
+@executor_option
+@ray_address_option
 @storage_option
 @input_option
 @tracking_uri_option
@@ -120,6 +120,8 @@ def search_command(
     pruner: str,
     workers: int,
     sampler_seed: int | None,
+    executor: str,
+    ray_address: str | None,
     storage: str | None,
     input_path: str | None,
     tracking_uri: str | None,
@@ -130,5 +132,7 @@ def search_command(
 
     connect(tracking_uri)
     experiment = chosen_experiment(experiment) or DEFAULT_EXPERIMENT  # a search is its own study: no member to find
-    opts = SearchOptions(space, trials, sampler, pruner, workers, experiment, storage, sampler_seed, input_path)
+    opts = SearchOptions(
+        space, trials, sampler, pruner, workers, experiment, storage, sampler_seed, input_path, executor, ray_address
+    )
     sys.exit(run_search(opts))

@@ -39,7 +39,7 @@ def prepare_command(input_path: str | None) -> None:
 @click.option("--run-id", default=None, help="train into this existing run, resuming from its checkpoint")
 @click.option("--parent-run-id", default=None, help="nest the new run under this run")
 # set by `nanosweep search` for its trial processes: report val_loss to this Optuna trial, which may prune the run
-@click.option("--optuna-storage", default=None, hidden=True)
+# (its storage comes in NANOSWEEP_OPTUNA_STORAGE)
 @click.option("--optuna-study", default=None, hidden=True)
 @click.option("--optuna-trial", type=int, default=None, hidden=True)
 @click.option("--optuna-pruner", default="none", hidden=True)
@@ -51,7 +51,6 @@ def train_command(
     experiment: str | None,
     run_id: str | None,
     parent_run_id: str | None,
-    optuna_storage: str | None,
     optuna_study: str | None,
     optuna_trial: int | None,
     optuna_pruner: str,
@@ -67,7 +66,7 @@ def train_command(
     if optuna_study is not None:  # a search trial; only then is Optuna imported
         from nanosweep.study.pruning import pruning_observer
 
-        watch = pruning_observer(optuna_storage, optuna_study, optuna_trial, optuna_pruner)
+        watch = pruning_observer(optuna_study, optuna_trial, optuna_pruner)
     run_id = run_trial(cfg, new_runs_go_to, run_id, parent_run_id, input_path=input_path, watch=watch)
     click.echo(f"{cfg.run_name}: run {run_id} FINISHED")
 

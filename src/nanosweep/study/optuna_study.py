@@ -18,6 +18,7 @@ from nanosweep.filelocks import create_once, sqlite_file
 from nanosweep.study.pruning import (
     PRUNED_AT_TAG,
     PRUNED_TAG,
+    STORAGE_ENV,
     check_storage,
     live_trial,
     make_pruner,
@@ -28,7 +29,6 @@ from nanosweep.tracking.heartbeat import alive
 from nanosweep.tracking.run import TrackedRun
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
-STORAGE_ENV = "NANOSWEEP_OPTUNA_STORAGE"  # the study's database when the tracking store is not a local SQLite file
 # Optuna user attributes of a study's trials
 RUN_ID_ATTR = "run_id"  # the MLflow run of a launched trial
 RUN_NAME_ATTR = "run_name"  # and its name
@@ -50,8 +50,17 @@ def study_storage(tracking_uri: str, storage: str | None) -> str:
         return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
     raise SearchError(
         f"tracking URI {tracking_uri} is not a local SQLite file, so the study has no default database: "
-        f"pass --storage URL or set {STORAGE_ENV} (e.g. postgresql://user:pass@host/optuna)"
+        f"pass --storage URL or set {STORAGE_ENV} (e.g. postgresql+psycopg://user:pass@host/optuna)"
     )
+
+
+class AskAndTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler for a driver that asks and tells. Its after_trial only stops an optimize() loop once
+    the grid is covered (Study.stop, which raises outside one, so the last tell of a whole grid failed); a search
+    stops by its own count, which a grid's size caps."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        """Nothing to stop: there is no optimize() loop."""
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
@@ -67,7 +76,7 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None, trials: int) -
         ranges = [n for n, d in space.params.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
         if ranges:
             raise SearchError(f"sampler='grid' needs choices for every param of {space.path}; {ranges[0]} is a range")
-        return optuna.samplers.GridSampler({n: d.choices for n, d in space.params.items()}, seed=seed)
+        return AskAndTellGridSampler({n: d.choices for n, d in space.params.items()}, seed=seed)
     if name == "cmaes":
         if importlib.util.find_spec("cmaes") is None:
             raise SearchError("sampler='cmaes' needs the cmaes package: pip install 'nanosweep[search]'")

@@ -5,6 +5,7 @@ Only `nanosweep train --optuna-study ...` imports this module, so grid trials ne
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -17,6 +18,7 @@ from nanosweep.group import RunObserver, StoppedEarly
 from nanosweep.tracking.store import TrackingError, check_sqlite_file, first_line
 
 PRUNERS = ("asha", "hyperband", "median", "none")
+STORAGE_ENV = "NANOSWEEP_OPTUNA_STORAGE"  # the study's database: a search's default, and its trials' (never argv)
 SQLITE_BUSY_SECONDS = 60  # the driver and K trial processes write one SQLite file; wait for the lock, do not fail
 PRUNED_TAG = "pruned"  # "true" on a search trial's run that the pruner stopped
 PRUNED_AT_TAG = "pruned_at_iter"  # the iteration it reached
@@ -43,7 +45,7 @@ def redacted(url: str) -> str:
 def check_storage(url: str) -> None:
     """A database URL SQLAlchemy can open, its driver installed (and for SQLite a usable file), checked before
     anything is written: a search refused after it created its experiment would leave that behind."""
-    usage = "give a database URL such as sqlite:///optuna.db or postgresql://user:password@host/optuna"
+    usage = "give a database URL such as sqlite:///optuna.db or postgresql+psycopg://user:password@host/optuna"
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -101,9 +103,10 @@ def live_trial(study: optuna.Study, backend: BaseStorage, number: int) -> optuna
     return optuna.trial.Trial(study, backend.get_trial_id_from_study_id_trial_number(study_id, number))
 
 
-def pruning_observer(storage: str, study_name: str, number: int, pruner: str) -> Any:
-    """A function wrapping a run's observer so that trial `number` of the Optuna study can prune it."""
-    backend = open_storage(storage)
+def pruning_observer(study_name: str, number: int, pruner: str) -> Any:
+    """A function wrapping a run's observer so that trial `number` of the Optuna study can prune it. The study's
+    storage comes in the environment (STORAGE_ENV), never on the command line, which ps and Ray's dashboard show."""
+    backend = open_storage(os.environ[STORAGE_ENV])
     study = optuna.load_study(study_name=study_name, storage=backend, pruner=make_pruner(pruner))
     trial = live_trial(study, backend, number)
     return lambda inner: PruningObserver(inner, trial, pruner)

@@ -7,6 +7,7 @@ SQLite stores race on first writes), and trials start through the executors, so 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -23,8 +24,8 @@ from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import PreparedData, prepare
 from nanosweep.filelocks import OwnedFolder
 from nanosweep.study.driver import Tally, adopt, close_trial_run, end_stale_sweeps, open_parent, supervise_trials
-from nanosweep.study.executors.base import Executor, TrialLaunch
-from nanosweep.study.executors.choice import make_executor
+from nanosweep.study.executors.base import Executor, TrialLaunch, names_a_local_file
+from nanosweep.study.executors.choice import EXECUTORS, make_executor
 from nanosweep.study.optuna_study import (
     CONFIG_HASH_ATTR,
     ITERATIONS_ATTR,
@@ -40,11 +41,7 @@ from nanosweep.study.optuna_study import (
     study_storage,
     tell,
 )
-from nanosweep.study.pruning import (
-    PRUNED_AT_TAG,
-    PRUNERS,
-    redacted,
-)
+from nanosweep.study.pruning import PRUNED_AT_TAG, PRUNERS, STORAGE_ENV, redacted
 from nanosweep.study.space import SearchSpace, load_space
 from nanosweep.tracking.claims import Claims
 from nanosweep.tracking.names import (
@@ -71,26 +68,41 @@ class SearchOptions:
     trials: int  # trained trials in total, over every invocation of this search
     sampler: str = "tpe"
     pruner: str = "asha"
-    workers: int = 1  # trials at once
+    workers: int = 1  # trials at once; 0: one per slot of the executor (GPU slot, or CPU of a Ray cluster)
     experiment: str = DEFAULT_EXPERIMENT
     storage: str | None = None  # the Optuna study's database URL (default: beside a SQLite tracking store)
     sampler_seed: int | None = None  # makes the sampler's proposals repeatable
     input_path: str | None = None
+    executor: str = "local"  # local (processes on this machine) or ray (tasks on a Ray cluster)
+    ray_address: str | None = None  # the Ray cluster; None: Ray's rule (RayExecutor)
 
     def __post_init__(self) -> None:
-        if self.trials < 1 or self.workers < 1:
-            raise SearchError(f"trials={self.trials}, workers={self.workers} are not allowed: both must be >= 1")
+        if self.trials < 1 or self.workers < 0:
+            allowed = "trials >= 1, workers >= 0"
+            raise SearchError(f"trials={self.trials}, workers={self.workers} are not allowed: {allowed}")
         if self.pruner not in PRUNERS:
             raise SearchError(f"pruner={self.pruner!r} is unknown: choose one of {', '.join(PRUNERS)}")
+        if self.executor not in EXECUTORS:
+            raise SearchError(f"executor={self.executor!r} is not allowed: choose one of {', '.join(EXECUTORS)}")
 
 
-def trial_argv(run_id: str, cfg: TrainConfig, study: optuna.Study, number: int, storage: str, pruner: str) -> list:
-    """The trial's command: `nanosweep train` into its run, every config field spelled out, and its Optuna trial."""
+def trial_argv(run_id: str, cfg: TrainConfig, study: optuna.Study, number: int, pruner: str) -> list:
+    """The trial's command: `nanosweep train` into its run, every config field spelled out, and its Optuna trial
+    (whose storage, with its password, goes in the trial's environment: see pruning.pruning_observer)."""
     argv = [sys.executable, "-m", "nanosweep", "train", "--run-id", run_id]
     for key, value in cfg.to_dict().items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
-    argv += ["--optuna-storage", storage, "--optuna-study", study.study_name, "--optuna-trial", str(number)]
-    return argv + ["--optuna-pruner", pruner]
+    return argv + ["--optuna-study", study.study_name, "--optuna-trial", str(number), "--optuna-pruner", pruner]
+
+
+def check_storage_reachable(storage: str, executor: Executor) -> None:
+    """Refuse a study database that is a file here when trials may run, and report to it, on other machines."""
+    if executor.nodes > 1 and names_a_local_file(storage):
+        raise SearchError(
+            f"Optuna storage {storage} is a file on this machine and the Ray cluster has {executor.nodes} nodes, "
+            f"which cannot reach it: give a database every node reaches with --storage or {STORAGE_ENV} "
+            "(scripts/tracking-stack.sh env exports one on its PostgreSQL)"
+        )
 
 
 def ask(
@@ -176,9 +188,10 @@ class Driver:
         return None if holder == self.parent_id else f"claimed by the search of run {holder}"
 
     def start(self, executor: Executor, number: int, run_id: str, cfg: TrainConfig) -> None:
-        argv = trial_argv(run_id, cfg, self.study, number, self.storage, self.opts.pruner)
+        argv = trial_argv(run_id, cfg, self.study, number, self.opts.pruner)
         name = f"trial{number:04d}-{cfg.run_name}"
-        executor.start(TrialLaunch((run_id,), name, argv, self.logs.path / f"{name}.log"))
+        log = self.logs.path / f"{name}.log"
+        executor.start(TrialLaunch((run_id,), name, argv, log, {STORAGE_ENV: self.storage}))
         self.active[run_id] = Active(number, cfg)
 
     def run(self, executor: Executor, resume: list[FrozenTrial], new: int, tally: Tally) -> None:
@@ -257,6 +270,22 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
     sampler = make_sampler(opts.sampler, space, opts.sampler_seed, opts.trials)
     prepare(opts.input_path)  # once, here, so trials never race to write it
     storage = study_storage(tracking_uri(), opts.storage)
+    # before anything is written: an executor that cannot serve this search (a file store for a cluster) refuses here
+    executor = make_executor(opts.executor, opts.workers, 1, opts.input_path, opts.ray_address)
+    with contextlib.closing(executor):
+        check_storage_reachable(storage, executor)
+        return _search(opts, space, sampler, storage, executor, stream)
+
+
+def _search(
+    opts: SearchOptions,
+    space: SearchSpace,
+    sampler: optuna.samplers.BaseSampler,
+    storage: str,
+    executor: Executor,
+    stream: TextIO,
+) -> int:
+    """run_search once its executor is at hand: open the study and the parent run, drive the trials, summarise."""
     # before the experiment: a storage that fails, or a space changed under its study, leaves the tracking store be
     backend = open_backend(storage)
     study = open_study(space, backend, sampler, opts.pruner)
@@ -284,17 +313,17 @@ def run_search(opts: SearchOptions, stream: TextIO = sys.stderr) -> int:
             "sampler": opts.sampler,
             "pruner": opts.pruner,
             "workers": opts.workers,
+            "executor": opts.executor,
             "study": space.name,
             "storage": redacted(storage),
             "profile": space.profile,
         }
     )
-    executor = make_executor("local", opts.workers, 1)
     tally = Tally(target, executor.capacity, stream)
     tally.skipped = ended
     tally.report(
         f"{name}: study {space.name!r} in {redacted(storage)}, {opts.sampler} sampler, {opts.pruner} pruner: "
-        f"{ended} ended, {len(resume)} to resume, {new} new, {executor.capacity} at a time"
+        f"{ended} ended, {len(resume)} to resume, {new} new, {executor.capacity} at a time on {executor.where}"
     )
 
     driver = Driver(opts, space, study, storage, backend, parent.run_id, claims)

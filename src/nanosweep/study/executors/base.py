@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,14 @@ class TrialLaunch:
 
 
 STOP_GRACE_SECONDS = 60.0  # a stopped trial has this long to flush its logging and end its runs KILLED
+
+
+LOCAL_FILE_SCHEMES = ("", "file", "sqlite")  # database URLs that name a file of this machine
+
+
+def names_a_local_file(url: str) -> bool:
+    """Whether a tracking URI or an Optuna storage URL is a file here, which other machines cannot reach."""
+    return urlparse(url).scheme.split("+")[0] in LOCAL_FILE_SCHEMES  # sqlite+pysqlite: SQLite too
 
 
 class ExecutorError(RuntimeError):
@@ -37,6 +46,7 @@ class Executor(ABC):
     """Runs trial commands with bounded concurrency."""
 
     cuda: bool  # trials run on GPUs (the sweep sizes fused groups for them)
+    nodes: int  # machines trials may run on: more than one, and every store they write must be a server
     where: str  # for the sweep's first line, e.g. "CPU, 1 thread(s) per trial"
 
     @property

@@ -46,6 +46,7 @@ class LocalProcessPool(Executor):
         self._procs: dict[int, tuple[subprocess.Popen, TrialLaunch, float, int]] = {}  # slot -> process
         gpus = sorted({slot for slot in slots if slot is not None})
         self.cuda = bool(gpus)
+        self.nodes = 1
         self.where = f"{len(gpus)} GPU(s)" if gpus else f"CPU, {threads_per_trial} thread(s) per trial"
 
     @property

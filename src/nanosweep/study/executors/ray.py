@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import ray
 from ray._raylet import Config as RayConfig
@@ -26,7 +25,14 @@ from ray.exceptions import RayError, RayTaskError, TaskCancelledError
 from nanosweep.data import cache_input
 from nanosweep.memory import PROCESSES_PER_GPU_ENV
 from nanosweep.signals import stop_signals
-from nanosweep.study.executors.base import STOP_GRACE_SECONDS, Executor, ExecutorError, TrialExit, TrialLaunch
+from nanosweep.study.executors.base import (
+    STOP_GRACE_SECONDS,
+    Executor,
+    ExecutorError,
+    TrialExit,
+    TrialLaunch,
+    names_a_local_file,
+)
 from nanosweep.tracking.names import EXECUTOR_ENV, HEARTBEAT_ENV, NODE_ENV
 from nanosweep.tracking.store import tracking_uri
 
@@ -36,7 +42,6 @@ POLL_SECONDS = 0.5
 # never the sweep's own run or experiment
 FORWARDED_ENV_PREFIXES = ("MLFLOW_", HEARTBEAT_ENV)
 NOT_FORWARDED = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-LOCAL_STORE_SCHEMES = ("", "file", "sqlite")  # tracking URIs that name a file of this machine
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # token: send the cluster a token (token authentication)
 
 
@@ -97,7 +102,7 @@ def send_token_if_at_hand() -> None:
 def check_tracking_reachable(nodes: int) -> None:
     """Refuse a tracking store that is a file here when trials may run on other machines."""
     uri = tracking_uri()
-    if nodes > 1 and urlparse(uri).scheme in LOCAL_STORE_SCHEMES:
+    if nodes > 1 and names_a_local_file(uri):
         raise ExecutorError(
             f"tracking URI {uri} is a file on this machine and the Ray cluster has {nodes} nodes, which cannot "
             "write to it: start a tracking server (scripts/tracking-stack.sh or docker compose) and set "
@@ -122,7 +127,8 @@ class RayExecutor(Executor):
             ) from None
         try:
             nodes = [node for node in ray.nodes() if node["Alive"]]
-            check_tracking_reachable(len(nodes))
+            self.nodes = len(nodes)
+            check_tracking_reachable(self.nodes)
         except BaseException:
             ray.shutdown()
             raise
