@@ -138,6 +138,18 @@ def test_a_grid_search_trains_the_whole_grid_once_and_ends_finished(store, tmp_p
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_complete"] == 4
 
 
+def test_tpe_in_a_small_space_trains_every_configuration_asked_for_instead_of_its_incumbent_again(store, tmp_path):
+    space = write_space(tmp_path, iters=10, lr="{choices: [0.001, 0.003]}")  # 2 heads x 2 rates: 4 configurations
+    args = ("--trials", "4", "--sampler", "tpe", "--sampler-seed", "0", "--pruner", "none")
+    code, output = finish(search(space, *args), PATIENCE)
+    assert code == 0, output
+    s = study(tmp_path)
+    trials = launched(s)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials) == 4
+    rejected = [t for t in s.trials if "rejected" in t.user_attrs]
+    assert len(rejected) <= 3  # each duplicate is followed by an untried configuration
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

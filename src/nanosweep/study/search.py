@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -124,13 +125,30 @@ def ask(
             continue
         if cfg.config_hash in seen:
             reject(study, trial, f"duplicate of trial {seen[cfg.config_hash]}")
+            enqueue_untried(study, space, seen, trial.number)
             continue
         taken = claim(cfg)
         if taken:
             reject(study, trial, f"duplicate: {taken}")
+            enqueue_untried(study, space, seen, trial.number)
             continue
         return trial, cfg
     return None
+
+
+def enqueue_untried(study: optuna.Study, space: SearchSpace, seen: dict[str, int], number: int) -> None:
+    """After a duplicate proposal in a space of finitely many configurations: make the next proposal one that no
+    trial of this search has, picked at random (repeatably: by the study and the trial number), as NNI does for
+    its TPE. TPE keeps proposing its incumbent in a small space; asked again it proposed it 50 times in a row."""
+    untried = []
+    for values in space.configurations() or []:
+        try:
+            if space.config(values).config_hash not in seen:
+                untried.append(values)
+        except ConfigError:  # not a configuration (n_embd not divisible by n_head, say): never proposed
+            continue
+    if untried:
+        study.enqueue_trial(random.Random(f"{study.study_name}:{number}").choice(untried))
 
 
 @dataclass

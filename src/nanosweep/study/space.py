@@ -6,6 +6,7 @@ A space file names the study: rerunning a search with the same file continues th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -54,6 +55,21 @@ class SearchSpace:
             "params": {k: repr(v) for k, v in self.params.items()},
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def configurations(self) -> list[dict[str, Any]] | None:
+        """Every assignment of the searched values, in grid order; None when a range is continuous."""
+        values = []
+        for dist in self.params.values():
+            if isinstance(dist, CategoricalDistribution):
+                values.append(list(dist.choices))
+            elif isinstance(dist, IntDistribution):
+                values.append(list(range(dist.low, dist.high + 1, dist.step)))
+            elif dist.step is not None:
+                count = math.floor(round((dist.high - dist.low) / dist.step, 9)) + 1
+                values.append([dist.low + i * dist.step for i in range(count)])
+            else:
+                return None
+        return [dict(zip(self.params, combination)) for combination in itertools.product(*values)]
 
     @property
     def size(self) -> float:
