@@ -112,6 +112,7 @@ def ask(
     prepared: PreparedData,
     seen: dict[str, int],
     claim: Callable[[TrainConfig], str | None],
+    seed: int | None = None,
 ) -> tuple[optuna.trial.Trial, TrainConfig] | None:
     """A new proposal that trains a configuration no launched trial has and that claim gets for this search (it
     says why not), or None when the space is used up."""
@@ -125,21 +126,23 @@ def ask(
             continue
         if cfg.config_hash in seen:
             reject(study, trial, f"duplicate of trial {seen[cfg.config_hash]}")
-            enqueue_untried(study, space, seen, trial.number)
+            enqueue_untried(study, space, seen, trial.number, seed)
             continue
         taken = claim(cfg)
         if taken:
             reject(study, trial, f"duplicate: {taken}")
-            enqueue_untried(study, space, seen, trial.number)
+            enqueue_untried(study, space, seen, trial.number, seed)
             continue
         return trial, cfg
     return None
 
 
-def enqueue_untried(study: optuna.Study, space: SearchSpace, seen: dict[str, int], number: int) -> None:
+def enqueue_untried(
+    study: optuna.Study, space: SearchSpace, seen: dict[str, int], number: int, seed: int | None
+) -> None:
     """After a duplicate proposal in a space of finitely many configurations: make the next proposal one that no
-    trial of this search has, picked at random (repeatably: by the study and the trial number), as NNI does for
-    its TPE. TPE keeps proposing its incumbent in a small space; asked again it proposed it 50 times in a row."""
+    trial of this search has, picked at random (repeatably with a sampler seed: by it and the trial number), as
+    NNI does for its TPE. In a small space TPE keeps proposing its incumbent: 50 times in a row, in bench_search."""
     untried = []
     for values in space.configurations() or []:
         try:
@@ -148,7 +151,8 @@ def enqueue_untried(study: optuna.Study, space: SearchSpace, seen: dict[str, int
         except ConfigError:  # not a configuration (n_embd not divisible by n_head, say): never proposed
             continue
     if untried:
-        study.enqueue_trial(random.Random(f"{study.study_name}:{number}").choice(untried))
+        pick = random.Random(f"{seed}:{number}") if seed is not None else random.Random()
+        study.enqueue_trial(pick.choice(untried))
 
 
 @dataclass
@@ -230,7 +234,7 @@ class Driver:
                     adopt(run_id, self.parent_id)
                     how = "resume"
                 else:
-                    proposal = ask(self.study, self.space, self.prepared, seen, self.claim)
+                    proposal = ask(self.study, self.space, self.prepared, seen, self.claim, self.opts.sampler_seed)
                     if proposal is None:
                         self.exhausted = True
                         tally.report(f"{MAX_REJECTIONS} proposals in a row were duplicates or invalid: stopping")
