@@ -22,7 +22,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 
 from nanosweep.data import PreparedData
 
-from .server_checks import skip_or_fail, sweep_command, sweep_runs, unique_experiment, write_member
+from .server_checks import skip_or_fail, sweep_command, sweep_runs, unique_experiment, wait_until, write_member
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_SCRIPT = REPO / "scripts" / "tracking-stack.sh"
@@ -152,6 +152,22 @@ class RayCluster:
     @property
     def address(self) -> str:
         return self.cluster.address
+
+    def kill_the_worker_mid_trial(self, trial_runs: Callable[[], list[Any]], driver: subprocess.Popen) -> tuple:
+        """Wait for a run on the worker node with a checkpoint, remove that node without warning (the machine is
+        gone) and let the driver finish: (that run as it was then, the driver's output)."""
+
+        def on_the_worker_with_a_checkpoint() -> Any:
+            runs = [r for r in trial_runs() if r.data.tags.get("node") == self.worker_id]
+            return next((r for r in runs if "nanosweep.checkpoint_iter" in r.data.tags), None)
+
+        try:
+            victim = wait_until(on_the_worker_with_a_checkpoint, 300, "trial with a checkpoint on the worker", driver)
+            self.cluster.remove_node(self.worker, allow_graceful=False)
+            output, _ = driver.communicate(timeout=600)
+        finally:
+            driver.kill()
+        return victim, output
 
 
 @pytest.fixture(scope="module")

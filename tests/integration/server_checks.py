@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import threading
 import time
 import uuid
@@ -90,6 +91,21 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, process:
             raise AssertionError(f"the process ended before {what}:\n{process.stdout.read()}")
         time.sleep(0.5)
     raise AssertionError(f"no {what} within {timeout:.0f} s")
+
+
+def sigterm_when_all_have_a_checkpoint(driver: Any, trial_runs: Callable[[], list[Any]], count: int) -> str:
+    """Wait until `count` trial runs have a checkpoint, send the driver SIGTERM and let it end: its output."""
+
+    def all_with_a_checkpoint() -> bool:
+        return sum("nanosweep.checkpoint_iter" in r.data.tags for r in trial_runs()) == count
+
+    try:
+        wait_until(all_with_a_checkpoint, 300, f"{count} trials with a checkpoint", driver)
+        driver.send_signal(signal.SIGTERM)
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    return output
 
 
 def sweep_command(sweeps_dir: Path, experiment: str) -> list[str]:

@@ -6,7 +6,6 @@ on loopback.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +19,9 @@ from .conftest import RayCluster, Server
 from .server_checks import (
     OffLoopbackWatch,
     missing_or_doubled,
+    sigterm_when_all_have_a_checkpoint,
     sweep_runs,
     unique_experiment,
-    wait_until,
     write_member,
 )
 
@@ -117,16 +116,7 @@ def test_sigterm_of_the_sweep_cancels_its_tasks_on_the_cluster_and_the_trials_en
     name = unique_experiment("it-ray-stop")
     client = server.client()
     sweep = server.popen(*ray_sweep(server, ray_cluster, sweeps_dir, name))
-
-    def both_with_a_checkpoint() -> bool:
-        return sum("nanosweep.checkpoint_iter" in r.data.tags for r in trial_runs(client, name)) == 2
-
-    try:
-        wait_until(both_with_a_checkpoint, 300, "two trials with a checkpoint", sweep)
-        sweep.send_signal(signal.SIGTERM)
-        output, _ = sweep.communicate(timeout=300)
-    finally:
-        sweep.kill()
+    output = sigterm_when_all_have_a_checkpoint(sweep, lambda: trial_runs(client, name), 2)
     assert sweep.returncode == 130, output
     parents, children = sweep_runs(client, client.get_experiment_by_name(name).experiment_id)
     assert parents[0].info.status == "KILLED" and len(children) == 2
@@ -146,17 +136,7 @@ def test_a_worker_node_killed_mid_trial_is_resumed_on_the_other_node_from_its_ch
     name = unique_experiment("it-ray-kill")
     client = server.client()
     sweep = server.popen(*ray_sweep(server, ray_cluster, sweeps_dir, name))
-
-    def on_the_worker_with_a_checkpoint() -> Any:
-        on_the_worker = [r for r in trial_runs(client, name) if r.data.tags.get("node") == ray_cluster.worker_id]
-        return next((r for r in on_the_worker if "nanosweep.checkpoint_iter" in r.data.tags), None)
-
-    try:
-        victim = wait_until(on_the_worker_with_a_checkpoint, 300, "trial with a checkpoint on the worker", sweep)
-        ray_cluster.cluster.remove_node(ray_cluster.worker, allow_graceful=False)  # the machine is gone
-        output, _ = sweep.communicate(timeout=600)
-    finally:
-        sweep.kill()
+    victim, output = ray_cluster.kill_the_worker_mid_trial(lambda: trial_runs(client, name), sweep)
     assert sweep.returncode == 0, output
 
     parents, children = sweep_runs(client, client.get_experiment_by_name(name).experiment_id)

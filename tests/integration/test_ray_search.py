@@ -5,7 +5,6 @@ searches find in NANOSWEEP_OPTUNA_STORAGE, as after `eval "$(scripts/tracking-st
 
 from __future__ import annotations
 
-import signal
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -16,24 +15,12 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from helpers import LR_RANGE, write_space
+
 from .conftest import RayCluster, Server
-from .server_checks import OffLoopbackWatch, skip_or_fail, unique_experiment, wait_until
+from .server_checks import OffLoopbackWatch, sigterm_when_all_have_a_checkpoint, skip_or_fail, unique_experiment
 
 pytestmark = pytest.mark.server
-
-# a tiny CPU model; n_head x dropout (4 configurations), and a learning rate range where asked for
-SPACE = """\
-profile: full
-objective: val_loss
-fixed: {block_size: 32, n_layer: 2, n_embd: 32, batch_size: 8, eval_interval: %(every)d, eval_iters: 2,
-        gradient_accumulation_steps: 1, log_interval: 5, warmup_iters: 10, num_samples: 1, max_new_tokens: 20,
-        max_iters: %(iters)d}
-params:
-  n_head: {choices: [2, 4]}
-  dropout: {choices: [0.0, 0.1]}
-%(lr)s"""
-LR_RANGE = "  learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}\n"
-
 
 @pytest.fixture
 def storage(server: Server) -> str:
@@ -42,11 +29,10 @@ def storage(server: Server) -> str:
     return server.optuna_storage
 
 
-def write_space(folder: Path, iters: int, every: int, lr: bool = True) -> Path:
-    """A space file of a study name no other test or CI run has (the stack's database outlives a session)."""
-    path = folder / f"it_search_{uuid.uuid4().hex[:8]}.yaml"
-    path.write_text(SPACE % {"iters": iters, "every": every, "lr": LR_RANGE if lr else ""})
-    return path
+def unique_space(folder: Path, iters: int, every: int, lr: str = LR_RANGE) -> Path:
+    """The tiny space (helpers.TINY_SPACE), under a study name no other test or CI run has: the stack's database
+    outlives a session."""
+    return write_space(folder, f"it_search_{uuid.uuid4().hex[:8]}", iters, every, lr)
 
 
 def ray_search(cluster: RayCluster, space: Path, experiment: str, *extra: str) -> list[str]:
@@ -71,7 +57,7 @@ def launched(storage: str, space: Path) -> dict[int, optuna.trial.FrozenTrial]:
 def test_a_search_with_asha_over_two_nodes_agrees_with_optuna_trial_by_trial(
     server: Server, ray_cluster: RayCluster, storage: str, tmp_path: Path
 ) -> None:
-    space, name = write_space(tmp_path, iters=40, every=10), unique_experiment("it-ray-search")
+    space, name = unique_space(tmp_path, iters=40, every=10), unique_experiment("it-ray-search")
     argv = ray_search(ray_cluster, space, name, "--trials", "6", "--workers", "2", "--sampler-seed", "1")
     with OffLoopbackWatch() as watch:
         done = server.cli(*argv)
@@ -103,7 +89,7 @@ def test_a_search_with_asha_over_two_nodes_agrees_with_optuna_trial_by_trial(
 def test_a_sqlite_optuna_storage_is_refused_for_a_cluster_of_two_nodes_before_anything_is_written(
     server: Server, ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
-    space, name = write_space(tmp_path, iters=20, every=10), unique_experiment("it-ray-search-sqlite")
+    space, name = unique_space(tmp_path, iters=20, every=10), unique_experiment("it-ray-search-sqlite")
     database = tmp_path / "optuna.db"
     done = server.cli(*ray_search(ray_cluster, space, name, "--trials", "2", "--storage", f"sqlite:///{database}"))
     assert done.returncode == 1
@@ -119,8 +105,9 @@ def test_a_sqlite_optuna_storage_is_refused_for_a_cluster_of_two_nodes_before_an
 def test_two_searches_of_one_study_started_together_never_train_a_configuration_twice(
     server: Server, ray_cluster: RayCluster, storage: str, tmp_path: Path
 ) -> None:
-    # the 4 configurations, 4 asked for by each search: what one trains the other must not
-    space, name = write_space(tmp_path, iters=20, every=10, lr=False), unique_experiment("it-ray-search-two")
+    # 2 heads x 2 learning rates: the 4 configurations, 4 asked for by each search: what one trains the other must not
+    space = unique_space(tmp_path, iters=20, every=10, lr="{choices: [0.001, 0.003]}")
+    name = unique_experiment("it-ray-search-two")
     argv = ray_search(ray_cluster, space, name, "--trials", "4", "--sampler", "random", "--pruner", "none")
     searches = [server.popen(*argv, "--sampler-seed", str(seed)) for seed in (1, 2)]
     outputs = [search.communicate(timeout=600)[0] for search in searches]
@@ -138,19 +125,10 @@ def test_two_searches_of_one_study_started_together_never_train_a_configuration_
 def test_sigterm_of_the_search_ends_every_run_killed_and_leaves_its_trials_to_resume(
     server: Server, ray_cluster: RayCluster, storage: str, tmp_path: Path
 ) -> None:
-    space, name = write_space(tmp_path, iters=10**6, every=50), unique_experiment("it-ray-search-stop")
+    space, name = unique_space(tmp_path, iters=10**6, every=50), unique_experiment("it-ray-search-stop")
     client = server.client()
     search = server.popen(*ray_search(ray_cluster, space, name, "--trials", "2", "--workers", "2"))
-
-    def both_with_a_checkpoint() -> bool:
-        return sum("nanosweep.checkpoint_iter" in r.data.tags for r in search_runs(client, name)[1]) == 2
-
-    try:
-        wait_until(both_with_a_checkpoint, 300, "two trials with a checkpoint", search)
-        search.send_signal(signal.SIGTERM)
-        output, _ = search.communicate(timeout=300)
-    finally:
-        search.kill()
+    output = sigterm_when_all_have_a_checkpoint(search, lambda: search_runs(client, name)[1], 2)
     assert search.returncode == 130, output
     [parent], children = search_runs(client, name)
     assert parent.info.status == "KILLED" and len(children) == 2
@@ -167,20 +145,10 @@ def test_a_worker_node_killed_mid_trial_resumes_it_in_the_same_run_and_optuna_tr
 ) -> None:
     """Last in the module: the cluster has one node left afterwards."""
     # the first checkpoint comes at 1/12 of the trial: the node is killed with most of it still to train
-    space, name = write_space(tmp_path, iters=3000, every=250), unique_experiment("it-ray-search-kill")
+    space, name = unique_space(tmp_path, iters=3000, every=250), unique_experiment("it-ray-search-kill")
     client = server.client()
     search = server.popen(*ray_search(ray_cluster, space, name, "--trials", "2", "--workers", "2", "--pruner", "none"))
-
-    def on_the_worker_with_a_checkpoint() -> Any:
-        runs = [r for r in search_runs(client, name)[1] if r.data.tags.get("node") == ray_cluster.worker_id]
-        return next((r for r in runs if "nanosweep.checkpoint_iter" in r.data.tags), None)
-
-    try:
-        victim = wait_until(on_the_worker_with_a_checkpoint, 300, "trial with a checkpoint on the worker", search)
-        ray_cluster.cluster.remove_node(ray_cluster.worker, allow_graceful=False)  # the machine is gone
-        output, _ = search.communicate(timeout=600)
-    finally:
-        search.kill()
+    victim, output = ray_cluster.kill_the_worker_mid_trial(lambda: search_runs(client, name)[1], search)
     assert search.returncode == 0, output
 
     [parent], children = search_runs(client, name)

@@ -116,33 +116,39 @@ def ask(
 ) -> tuple[optuna.trial.Trial, TrainConfig] | None:
     """A new proposal that trains a configuration no launched trial has and that claim gets for this search (it
     says why not), or None when the space is used up."""
+    sampler, untried = study.sampler, None
     for _ in range(MAX_REJECTIONS):
-        trial = study.ask(space.params)
+        if untried:  # this one proposal only, in this process: nothing shared with other searches of the study
+            study.sampler = optuna.samplers.PartialFixedSampler(untried, sampler)
+        try:
+            trial = study.ask(space.params)
+        finally:
+            study.sampler = sampler
         try:
             cfg = space.config(trial.params)
             check_fits(cfg, prepared)
         except (ConfigError, TypeError) as exc:
             reject(study, trial, f"invalid: {exc}")
+            untried = None
             continue
-        if cfg.config_hash in seen:
-            reject(study, trial, f"duplicate of trial {seen[cfg.config_hash]}")
-            enqueue_untried(study, space, seen, trial.number, seed)
-            continue
-        taken = claim(cfg)
+        taken = f"duplicate of trial {seen[cfg.config_hash]}" if cfg.config_hash in seen else claim(cfg)
         if taken:
-            reject(study, trial, f"duplicate: {taken}")
-            enqueue_untried(study, space, seen, trial.number, seed)
+            reject(study, trial, taken if taken.startswith("duplicate") else f"duplicate: {taken}")
+            untried = pick_untried(space, seen, trial.number, seed, sampler)
             continue
         return trial, cfg
     return None
 
 
-def enqueue_untried(
-    study: optuna.Study, space: SearchSpace, seen: dict[str, int], number: int, seed: int | None
-) -> None:
-    """After a duplicate proposal in a space of finitely many configurations: make the next proposal one that no
-    trial of this search has, picked at random (repeatably with a sampler seed: by it and the trial number), as
-    NNI does for its TPE. In a small space TPE keeps proposing its incumbent: 50 times in a row, in bench_search."""
+def pick_untried(
+    space: SearchSpace, seen: dict[str, int], number: int, seed: int | None, sampler: optuna.samplers.BaseSampler
+) -> dict[str, Any] | None:
+    """After a duplicate proposal in a space of finitely many configurations: the values of one that no trial of
+    this search has, picked at random (repeatably with a sampler seed: by it and the trial number), for the next
+    proposal, as NNI does for its TPE. In a small space TPE keeps proposing its incumbent: 50 times in a row, in
+    bench_search. Not for the grid sampler, whose proposals are its grid's points."""
+    if isinstance(sampler, optuna.samplers.GridSampler):
+        return None
     untried = []
     for values in space.configurations() or []:
         try:
@@ -150,9 +156,9 @@ def enqueue_untried(
                 untried.append(values)
         except ConfigError:  # not a configuration (n_embd not divisible by n_head, say): never proposed
             continue
-    if untried:
-        pick = random.Random(f"{seed}:{number}") if seed is not None else random.Random()
-        study.enqueue_trial(pick.choice(untried))
+    if not untried:
+        return None
+    return (random.Random(f"{seed}:{number}") if seed is not None else random.Random()).choice(untried)
 
 
 @dataclass
