@@ -131,9 +131,9 @@ def ask(
             reject(study, trial, f"invalid: {exc}")
             untried = None
             continue
-        taken = f"duplicate of trial {seen[cfg.config_hash]}" if cfg.config_hash in seen else claim(cfg)
-        if taken:
-            reject(study, trial, taken if taken.startswith("duplicate") else f"duplicate: {taken}")
+        holder = None if cfg.config_hash in seen else claim(cfg)
+        if cfg.config_hash in seen or holder:
+            reject(study, trial, f"duplicate: {holder}" if holder else f"duplicate of trial {seen[cfg.config_hash]}")
             untried = pick_untried(space, seen, trial.number, seed, sampler)
             continue
         return trial, cfg
