@@ -7,7 +7,7 @@
   NANOSWEEP_TEST_OPTUNA_STORAGE   the stack's Optuna database (searches get it as NANOSWEEP_OPTUNA_STORAGE)
 Without them the `server` and `browser` tests skip; with NANOSWEEP_REQUIRE_SERVER=1 (CI) they fail instead.
 
-A test module that asks for `ray_cluster` gets a real two-node Ray cluster of its own (ray.cluster_utils.Cluster:
+Tests that ask for `ray_cluster` share one real two-node Ray cluster for the session (ray.cluster_utils.Cluster:
 a head and a worker node, each with its own raylet and one CPU). Every packet stays on loopback: the nodes bind
 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray use the loopback address for its nodes, as it does on a
 laptop, instead of this machine's network address), and what Ray would send elsewhere at start-up (cloud metadata
@@ -143,19 +143,39 @@ LOOPBACK_ONLY = {
 
 @dataclass
 class RayCluster:
+    """The session's cluster: a head and one worker node; a test that kills the worker gets a fresh one added."""
+
     cluster: Any  # ray.cluster_utils.Cluster
     head_id: str
-    worker: Any  # the worker node, for killing it
-    worker_id: str
-    worker_data_dir: Path  # the worker node's own data dir: it starts without tiny Shakespeare
+    with_token: dict[str, str]  # the environment its commands run in (LOOPBACK_ONLY and the token file)
+    worker_data_dirs: pytest.TempPathFactory  # where each worker node's own data dir is made
+    worker: Any = None  # the worker node, for killing it
+    worker_id: str = ""
+    worker_data_dir: Path = Path()  # the worker node's own data dir: it starts without tiny Shakespeare
 
     @property
     def address(self) -> str:
         return self.cluster.address
 
+    def add_worker(self) -> None:
+        """Start a worker node that finds no text (no NANOSWEEP_INPUT, an empty data dir): its trials get the
+        driver's copy."""
+        saved = dict(os.environ)
+        self.worker_data_dir = self.worker_data_dirs.mktemp("worker-node-data")
+        os.environ.pop("NANOSWEEP_INPUT", None)
+        os.environ.update(self.with_token, RAY_AUTH_MODE="token", NANOSWEEP_DATA_DIR=str(self.worker_data_dir))
+        try:
+            self.worker = self.cluster.add_node(**RAY_NODE_ARGS)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self.worker_id = self.worker.node_id
+        self.cluster.wait_for_nodes()
+
     def kill_the_worker_mid_trial(self, trial_runs: Callable[[], list[Any]], driver: subprocess.Popen) -> tuple:
         """Wait for a run on the worker node with a checkpoint, remove that node without warning (the machine is
-        gone) and let the driver finish: (that run as it was then, the driver's output)."""
+        gone) and let the driver finish: (that run as it was then, the driver's output). A fresh worker node
+        takes its place for the tests after."""
 
         def on_the_worker_with_a_checkpoint() -> Any:
             runs = [r for r in trial_runs() if r.data.tags.get("node") == self.worker_id]
@@ -167,11 +187,17 @@ class RayCluster:
             output, _ = driver.communicate(timeout=600)
         finally:
             driver.kill()
+        self.add_worker()
         return victim, output
 
 
-@pytest.fixture(scope="module")
+RAY_NODE_ARGS = dict(num_cpus=1, object_store_memory=80 * 2**20)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """One cluster for the session: a second one started in the same pytest process after the first's shutdown
+    failed to come up."""
     saved = dict(os.environ)
     token_file = tmp_path_factory.mktemp("ray-auth") / "auth_token"
     token_file.write_text(secrets.token_hex(32))
@@ -181,19 +207,13 @@ def ray_cluster(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory
     from ray.cluster_utils import Cluster  # after the environment above: Ray reads it on import
 
     Config.initialize("")  # this process (the cluster's driver) in token mode, even if Ray was imported before
-
-    node_args = dict(num_cpus=1, object_store_memory=80 * 2**20)
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
-    # the worker node finds no text: no NANOSWEEP_INPUT, an empty data dir; its trials get the driver's copy
-    worker_data_dir = tmp_path_factory.mktemp("worker-node-data")
-    os.environ.pop("NANOSWEEP_INPUT", None)
-    os.environ["NANOSWEEP_DATA_DIR"] = str(worker_data_dir)
-    worker = cluster.add_node(**node_args)
+    cluster = Cluster(initialize_head=True, head_node_args={**RAY_NODE_ARGS, "include_dashboard": False})
     os.environ.clear()
     os.environ.update({**saved, **with_token})
-    cluster.wait_for_nodes()
+    ray_cluster = RayCluster(cluster, cluster.head_node.node_id, with_token, tmp_path_factory)
     try:
-        yield RayCluster(cluster, cluster.head_node.node_id, worker, worker.node_id, worker_data_dir)
+        ray_cluster.add_worker()
+        yield ray_cluster
     finally:
         cluster.shutdown()
         os.environ.clear()

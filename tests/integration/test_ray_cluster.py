@@ -130,7 +130,6 @@ def test_sigterm_of_the_sweep_cancels_its_tasks_on_the_cluster_and_the_trials_en
 def test_a_worker_node_killed_mid_trial_is_resumed_on_the_other_node_from_its_checkpoint(
     server: Server, ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
-    """Last in the module: the cluster has one node left afterwards."""
     # the first checkpoint comes at 1/12 of the trial: the node is killed with most of it still to train
     sweeps_dir = write_member(tmp_path / "sweeps", max_iters=[3000], eval_interval=250)
     name = unique_experiment("it-ray-kill")

@@ -143,7 +143,6 @@ def test_sigterm_of_the_search_ends_every_run_killed_and_leaves_its_trials_to_re
 def test_a_worker_node_killed_mid_trial_resumes_it_in_the_same_run_and_optuna_trial_on_the_other_node(
     server: Server, ray_cluster: RayCluster, storage: str, tmp_path: Path
 ) -> None:
-    """Last in the module: the cluster has one node left afterwards."""
     # the first checkpoint comes at 1/12 of the trial: the node is killed with most of it still to train
     space, name = unique_space(tmp_path, iters=3000, every=250), unique_experiment("it-ray-search-kill")
     client = server.client()
