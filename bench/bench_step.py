@@ -65,13 +65,14 @@ class Size:
     heads: int = 2
     batch: int = 2
     dtype: str = "float32"
+    compile: str = "off"  # on: torch.compile'd passes (the figures then exclude compiling: 2n - n iterations)
 
 
 def configs(size: Size, trials: int, iters: int) -> list[TrainConfig]:
     base = TrainConfig(block_size=size.block, n_layer=size.layers, n_head=size.heads, n_embd=size.embd,
                        batch_size=size.batch, gradient_accumulation_steps=1, max_iters=iters, eval_interval=10**6,
                        eval_iters=1, log_interval=10**6, warmup_iters=10, dropout=0.0, device="cpu",
-                       dtype=size.dtype)  # fmt: skip
+                       dtype=size.dtype, **({"compile": size.compile} if size.compile != "off" else {}))  # fmt: skip
     return [base.replace(seed=k + 1) for k in range(trials)]
 
 
@@ -115,12 +116,15 @@ def main() -> None:
     size = Size(**{name: getattr(args, name) for name in vars(Size())})
     batches = Batches(prepare(), torch.device("cpu"))
     print(f"torch {torch.__version__}, {args.threads} thread(s), {size}, {os.uname()[1]}")
-    print("| trials K | aten ops per step | host ms per step (median) |")
-    print("|---|---|---|")
+    print(f"| trials K | aten ops per step | host ms per step (median) | first run of {args.iters} iterations, s |")
+    print("|---|---|---|---|")
     for k in (int(t) for t in args.trials.split(",")):
-        ops = ops_per_step(size, k, batches)
+        t0 = time.perf_counter()
+        run(configs(size, k, args.iters), batches)  # compiled: this run pays for compiling, the timed ones do not
+        first = time.perf_counter() - t0
+        ops = ops_per_step(size, k, batches) if size.compile == "off" else "-"  # compiled kernels are not aten ops
         ms = host_ms_per_step(size, k, batches, args.iters, args.repeats)
-        print(f"| {k} | {ops} | {ms:.2f} |", flush=True)
+        print(f"| {k} | {ops} | {ms:.2f} | {first:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from nanosweep.checkpoint import load_checkpoint, save_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, prepare
 from nanosweep.group import FusedGroup, TrainOutcome, Trial, build_model
-from nanosweep.hardware import Hardware
+from nanosweep.hardware import Hardware, resolve_compile
 from nanosweep.memory import PassPlan
 from nanosweep.model import GPT
 from nanosweep.tracking.recorder import RunRecorder
@@ -46,7 +46,7 @@ from nanosweep.tracking.run import TrackedRun
 from nanosweep.tracking.store import connect, ensure_experiment
 from nanosweep.train import estimate_losses, plan_passes, train_fused
 
-STAGES = ("tests", "probes", "throughput", "sweep", "nanogpt")
+STAGES = ("tests", "probes", "throughput", "sweep", "compile", "nanogpt")
 VOCAB = 65
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MINUTES = {"H100": 15.0, "H200": 12.0}  # the whole study, one GPU (issue: 15 on an H100, 12 on an H200)
@@ -612,7 +612,9 @@ def sweep_group(check: Check) -> tuple[str, list[TrainConfig], dict[str, Any]]:
     tiny); its name among the study's groups, its configs and the member file's overrides."""
     groups = study(check)
     name = min(groups, key=lambda n: flops_per_iter(groups[n][0]))
-    overrides: dict[str, Any] = {"device": str(check.device)}
+    # eager, as the throughput stage measures it: the extrapolation's error compares like with like (the compile
+    # stage measures what compiling changes)
+    overrides: dict[str, Any] = {"device": str(check.device), "compile": "off"}
     if check.smoke:
         overrides.update(
             gradient_accumulation_steps=1,
@@ -682,7 +684,45 @@ def stage_sweep(check: Check) -> dict[str, Any]:
     return {"figures": figures, "errors": errors}
 
 
-# --- stage 5: nanoGPT's own train.py, one run after another --------------------------------------------------------
+# --- stage 5: compiling, compile=auto's choice on CUDA ----------------------------------------------------------
+
+
+def stage_compile(check: Check) -> dict[str, Any]:
+    """The study's smallest group (its 8 trials, full recipe) for 40 iterations, eager and compiled, in bf16: the
+    losses' difference (dropout draws differ, but 40 iterations of warmup hardly move the weights), the step time
+    after compiling and the time compiling cost. Half the trials leave at 20, so Dynamo compiles again for the
+    rest, as in a real group."""
+    from torch._dynamo.utils import counters
+
+    if check.smoke:  # measured on the 2-core CPU: 136 s to compile even 2 tiny trials
+        raise Skipped("compiling takes a CPU minutes: tests/test_fused.py checks compiled against eager there")
+    smallest = min(study(check).values(), key=lambda configs: flops_per_iter(configs[0]))
+    group = [c.replace(max_iters=20 if k < len(smallest) // 2 else 40, eval_interval=20, eval_iters=2, log_interval=5)
+             for k, c in enumerate(smallest)]  # fmt: skip
+    batches = Batches(prepare(check.input), check.device)
+    figures: dict[str, Any] = {"compile_by_default": resolve_compile("auto", check.device), "trials": len(group)}
+    clocks = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        counters.clear()
+        synchronize(check.device)
+        t0 = time.perf_counter()
+        clocks[name] = train_group(group, batches, Hardware(check.device, torch.bfloat16, compiled))
+        figures[f"{name}_seconds"] = time.perf_counter() - t0  # compiling included
+        stamps = clocks[name][-1].stamps  # log points before the step of 25 and of 35: half the group
+        figures[f"{name}_step_seconds"] = (stamps[35] - stamps[25]) / 10
+        figures[f"{name}_graphs"] = counters["stats"]["unique_graphs"]
+        record(check.out, "compile", {"status": "running", "figures": figures, "errors": []})  # if cut short
+    worst = max(max_difference(a, b, key) for a, b in zip(clocks["eager"], clocks["compiled"])
+                for key in ("iter_loss", "val_loss"))  # fmt: skip
+    figures["max_loss_difference"] = worst
+    figures["step_speedup"] = figures["eager_step_seconds"] / figures["compiled_step_seconds"]
+    errors = [] if worst < 0.05 else [f"compiled losses differ from eager by {worst:.4f} (> 0.05, bf16 noise)"]
+    if not figures["compiled_graphs"]:
+        errors.append("nothing was compiled")
+    return {"figures": figures, "errors": errors}
+
+
+# --- stage 6: nanoGPT's own train.py, one run after another --------------------------------------------------------
 
 
 def stage_nanogpt(check: Check) -> dict[str, Any]:
@@ -756,6 +796,10 @@ def headline(name: str, entry: dict[str, Any]) -> str:
         return f"{figures['runs']} runs in {figures['wall_seconds']:.1f} s" + (
             f", extrapolation off by {error:+.0%}" if error is not None else ""
         )
+    if name == "compile" and "step_speedup" in figures:
+        cost = figures["compiled_seconds"] - figures["eager_seconds"]
+        speedup, difference = figures["step_speedup"], figures["max_loss_difference"]
+        return f"compiled step {speedup:.2f}x as fast as eager, {cost:.0f} s to compile; losses within {difference:.4f}"
     if name == "nanogpt" and "study_hours_one_after_another" in figures:
         return f"nanoGPT one run after another: {figures['study_hours_one_after_another']:.2f} h for the study"
     return ""
@@ -769,6 +813,7 @@ STAGE_FUNCTIONS = {
     "probes": stage_probes,
     "throughput": stage_throughput,
     "sweep": stage_sweep,
+    "compile": stage_compile,
     "nanogpt": stage_nanogpt,
 }
 

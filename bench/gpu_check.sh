@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # Does nanosweep work on this GPU machine, and how fast would the study run? One command for a bare machine that
-# has PyTorch (and no network): it brings MLflow from wheels, then runs five stages, each with its own time limit,
+# has PyTorch (and no network): it brings MLflow from wheels, then runs six stages, each with its own time limit,
 # writing OUT/results.json after each stage and OUT/summary.md at the end (bench/README.md, "The GPU check").
 #
 #   bash bench/gpu_check.sh --out DIR --input PATH/input.txt [--nanogpt PATH/nanoGPT] [--wheels DIR]
-#                           [--stages tests,probes,throughput,sweep,nanogpt] [--smoke]
+#                           [--stages tests,probes,throughput,sweep,compile,nanogpt] [--smoke]
 #
 #   --wheels DIR   wheels to install first (bench/gpu_wheels.sh makes the set MLflow needs), into a temporary folder
 #   --stages LIST  run only these stages (a rerun keeps the other stages' entries in results.json)
 #   --smoke        every stage on the CPU at tiny sizes, in about two minutes (what CI runs)
 # Stages: tests (pytest -m gpu, JUnit XML), probes (correctness on the device), throughput (the study's 32 fusion
 # groups, full recipe, a few dozen iterations each: the study's time extrapolated), sweep (one real fused group
-# through `nanosweep sweep` into a fresh SQLite store: checks the extrapolation), nanogpt (its train.py, the
-# serial baseline; skipped without --nanogpt). Whole run: at most about 8 minutes on one H100/H200.
+# through `nanosweep sweep` into a fresh SQLite store: checks the extrapolation), compile (a group eager and compiled:
+# speed-up, compile time, losses), nanogpt (its train.py, the
+# serial baseline; skipped without --nanogpt). Whole run: at most about 11 minutes on one H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-out="" input="" nanogpt="" wheels="" stages="tests,probes,throughput,sweep,nanogpt" smoke=""
+out="" input="" nanogpt="" wheels="" stages="tests,probes,throughput,sweep,compile,nanogpt" smoke=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -32,8 +33,8 @@ done
 [ -f "$input" ] || { echo "gpu_check: --input '$input' is not a file: pass tiny Shakespeare's input.txt" >&2; exit 2; }
 [ -z "$nanogpt" ] || [ -f "$nanogpt/train.py" ] || { echo "gpu_check: --nanogpt '$nanogpt' has no train.py" >&2; exit 2; }
 for stage in ${stages//,/ }; do
-  case "$stage" in tests|probes|throughput|sweep|nanogpt) ;;
-    *) echo "gpu_check: stage '$stage' is not one of tests, probes, throughput, sweep, nanogpt" >&2; exit 2 ;;
+  case "$stage" in tests|probes|throughput|sweep|compile|nanogpt) ;;
+    *) echo "gpu_check: stage '$stage' is not one of tests, probes, throughput, sweep, compile, nanogpt" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$out"
@@ -52,7 +53,7 @@ export PYTHONPATH="$PWD/src:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFE
 export NANOSWEEP_INPUT="$input" NANOSWEEP_DATA_DIR="$scratch/data"
 
 # seconds per stage: the stage stops starting new work 10 s before its limit; `timeout` is the backstop
-declare -A limit=([tests]=75 [probes]=75 [throughput]=150 [sweep]=110 [nanogpt]=100)
+declare -A limit=([tests]=75 [probes]=75 [throughput]=150 [sweep]=110 [compile]=120 [nanogpt]=100)
 if [ -n "$smoke" ]; then for stage in "${!limit[@]}"; do limit[$stage]=$((limit[$stage] * 2)); done; fi  # a CPU is slower
 log="$out/log.txt"
 "$python" bench/gpu_check.py env --out "$out" $smoke >>"$log" 2>&1 || { echo "gpu_check: no environment (see $log)" >&2; exit 1; }

@@ -64,6 +64,7 @@ def tiny_config(**changes: object) -> TrainConfig:
         max_new_tokens=40,
         seed=1,
         device="cpu",  # the tests compare against CPU results; tests marked gpu ask for cuda
+        compile="off",  # eager on CUDA too: compiling is gpu_check's stage `compile` (and one CPU test's)
     )
     base.update(changes)
     return TrainConfig(**base)

@@ -266,6 +266,12 @@ CASES = [
         "dtype='int8' is not allowed: use one of auto, float32, bfloat16, float16",
         new=False,
     ),
+    Case(
+        "train-compile-unknown",
+        train("--compile", "yes"),
+        "compile='yes' is not allowed: use one of auto, on, off",
+        new=False,
+    ),
     Case("train-iterations-not-a-number", train("--max-iters", "ten"), "'ten' is not a valid integer", new=False),
     # --- train: runs and experiments named must exist, or be allowed ---
     Case(

@@ -155,3 +155,23 @@ def test_trials_with_different_head_counts_fuse_and_each_trains_as_it_does_alone
         solo = alone(cfg, prepared)
         for step, value in solo.metrics["val_loss"].items():
             assert rec.metrics["val_loss"][step] == pytest.approx(value, abs=1e-4), (cfg.n_head, step)
+
+
+def test_a_compiled_group_trains_as_the_eager_one(prepared):
+    """compile=on (torch.compile of the passes; CUDA's default, here on the CPU's Inductor): the same losses as eager
+    in float32, through a trial leaving the stack (K 4 -> 3: Dynamo compiles again) and the evaluations, which run
+    without dropout compiled too (a trial with dropout: its draws differ once compiled, its first evaluation not)."""
+    from torch._dynamo.utils import counters
+
+    group = [*GROUP, tiny_config(dropout=0.2, seed=4)]
+    eager, _ = fused(group, prepared)
+    counters.clear()
+    compiled, ended = fused([cfg.replace(compile="on") for cfg in group], prepared)
+    assert counters["stats"]["unique_graphs"] >= 3  # a training and an evaluation graph, again for K=3
+    for cfg, a, b in zip(GROUP, eager, compiled):
+        assert sorted(a.metrics["val_loss"]) == sorted(b.metrics["val_loss"])
+        for key in ("train_loss", "val_loss", "iter_loss"):
+            for step, value in a.metrics[key].items():
+                assert b.metrics[key][step] == pytest.approx(value, abs=1e-4), (cfg.seed, key, step)
+        assert ended[cfg.seed].iter_num == cfg.max_iters
+    assert compiled[3].metrics["val_loss"][0] == pytest.approx(eager[3].metrics["val_loss"][0], abs=1e-5)

@@ -23,6 +23,7 @@ def test_the_gpu_check_smoke_run_writes_every_stage_and_a_summary(prepared, tmp_
     stages = results["stages"]
     assert stages["tests"]["status"] == "skipped"  # no CUDA here: every gpu test skips
     assert stages["nanogpt"] == {**stages["nanogpt"], "status": "skipped", "reason": "no --nanogpt checkout given"}
+    assert stages["compile"]["status"] == "skipped"  # minutes on a CPU; tests/test_fused.py compiles there
     probes = stages["probes"]["figures"]
     assert stages["probes"]["status"] == "ok", stages["probes"]["errors"]
     assert {name for name, probe in probes.items() if probe.get("ok")} == {

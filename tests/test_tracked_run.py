@@ -49,7 +49,7 @@ def test_train_command_logs_params_metric_history_artifacts_and_dataset(store):
     assert {k: params[k] for k in cfg.to_dict()} == {k: str(v) for k, v in cfg.to_dict().items()}
     assert params["total_params"] == str(12 * 2 * 32**2 + 5 * 32 + 65 * 32)
     assert params["tokens_per_iter"] == str(2 * 4 * 32)
-    assert (params["train_device"], params["train_dtype"]) == ("cpu", "float32")
+    assert (params["train_device"], params["train_dtype"], params["train_compiled"]) == ("cpu", "float32", "False")
 
     def steps(key):
         return [m.step for m in client.get_metric_history(run.info.run_id, key)]

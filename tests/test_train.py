@@ -10,6 +10,7 @@ from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint, save_ch
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
 from nanosweep.group import build_model, learning_rate
+from nanosweep.hardware import resolve_hardware
 from nanosweep.sampling import SampleSettings, generate_texts
 from nanosweep.train import train
 
@@ -87,3 +88,10 @@ def test_checkpoint_is_nanogpts_format_and_a_reloaded_model_generates_text(prepa
     assert len(texts) == 3 and all(t.startswith("ROMEO:") and len(t) == 56 for t in texts)
     assert set("".join(texts)) <= set(vocab.chars)
     assert texts == generate_texts(model, vocab, SampleSettings(prompt="ROMEO:", num_samples=3, max_new_tokens=50))
+
+
+def test_auto_trains_a_cpu_in_fp32_and_eager_unless_told_otherwise():
+    auto = resolve_hardware(TrainConfig(device="cpu"))
+    assert (auto.dtype, auto.compile) == (torch.float32, False)
+    told = resolve_hardware(TrainConfig(device="cpu", dtype="bfloat16", compile="on"))
+    assert (told.dtype, told.compile) == (torch.bfloat16, True)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 DATASET = "shakespeare_char"  # nanoGPT's sampler finds the vocabulary in data/<dataset>/
 VALID_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 VALID_DTYPES = ("auto", "float32", "bfloat16", "float16")
+VALID_COMPILE = ("auto", "on", "off")
 MAX_SAMPLES = 1000  # text samples are generated as one batch: more do not fit in memory
 MIN_TEMPERATURE = 1e-6  # logits / temperature must stay finite in float32; below this sampling is greedy anyway
 
@@ -41,6 +42,7 @@ POSITIVE_NUMBER = Allowed(lambda v: v > 0, "it must be a finite number > 0")
 NON_NEGATIVE_NUMBER = Allowed(lambda v: v >= 0, "it must be a finite number >= 0")
 DEVICE = Allowed(lambda v: bool(VALID_DEVICE.match(v)), "use auto, cpu, cuda, cuda:N or mps")
 DTYPE = Allowed(lambda v: v in VALID_DTYPES, f"use one of {', '.join(VALID_DTYPES)}")
+COMPILE = Allowed(lambda v: v in VALID_COMPILE, f"use one of {', '.join(VALID_COMPILE)}")
 SAMPLES = Allowed(lambda v: 0 <= v <= MAX_SAMPLES, f"it must be an integer in [0, {MAX_SAMPLES}]")
 TEMPERATURE = Allowed(lambda v: v >= MIN_TEMPERATURE, f"it must be a finite number >= {MIN_TEMPERATURE:g}")
 
@@ -79,8 +81,13 @@ class TrainConfig:
     # --- hardware ---
     device: str = _knob("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps", DEVICE, identity=False)
     dtype: str = _knob(
-        "auto", "auto (bf16/fp16 on CUDA, fp32 on CPU), float32, bfloat16 or float16", DTYPE, identity=False
-    )
+        "auto", "auto (CUDA: bf16 where native, else fp16; CPU: fp32), float32, bfloat16 or float16",
+        DTYPE, identity=False,
+    )  # fmt: skip
+    compile: str = _knob(
+        "auto", "torch.compile the training and evaluation passes: auto (on with CUDA and Triton), on or off",
+        COMPILE, identity=False,
+    )  # fmt: skip
     # --- text samples written at the end (nanoGPT's sample.py defaults) ---
     num_samples: int = _knob(10, "text samples generated at the end of the run", SAMPLES, identity=False)
     max_new_tokens: int = _knob(500, "characters per sample", POSITIVE, identity=False)

@@ -90,6 +90,7 @@ def fusion_key(cfg: TrainConfig) -> tuple:
         cfg.eval_iters,
         cfg.device,
         cfg.dtype,
+        cfg.compile,
     )
 
 
@@ -135,6 +136,9 @@ class FusedGroup:
         configs = [t.cfg for t in trials]
         rates, heads = tuple(c.dropout for c in configs), tuple(c.n_head for c in configs)
         self.model = GPT(trials[0].model.config, len(trials), rates, heads).to(hw.device)
+        # the passes go through `forward`: compiled (forward and backward, by AOTAutograd), Dynamo compiles again when
+        # trials leave the stack or a pass is shorter, and after a second size treats that dimension as dynamic
+        self.forward = torch.compile(self.model) if hw.compile else self.model
         self.optimizer = StackedAdamW(
             self.model,
             betas=[(c.beta1, c.beta2) for c in configs],
@@ -181,7 +185,7 @@ class FusedGroup:
         step_loss = torch.zeros(len(self.runs), device=x.device)
         for a in range(0, total, per_pass):
             with autocast:
-                _, loss = self.model(x[:, a : a + per_pass], y[:, a : a + per_pass])
+                _, loss = self.forward(x[:, a : a + per_pass], y[:, a : a + per_pass])
                 loss = loss * (min(per_pass, total - a) / total)  # a pass's share of the mean over the batch
             # the trials' weights are disjoint slices, so the gradient of the sum is each trial's own gradient
             self.optimizer.scaled(loss).backward()

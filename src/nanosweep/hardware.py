@@ -1,4 +1,4 @@
-"""The device, precision and threads a training process uses, decided once from the config and passed down."""
+"""The device, precision and compilation a training process uses, decided once from the config and passed down."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from nanosweep.config import ConfigError, TrainConfig
 class Hardware:
     device: torch.device
     dtype: torch.dtype
+    compile: bool = False  # torch.compile the passes: on CUDA they are launch-bound, and compiling fuses launches
 
     @property
     def dtype_name(self) -> str:
@@ -20,7 +21,8 @@ class Hardware:
 
 
 def resolve_hardware(cfg: TrainConfig) -> Hardware:
-    """cuda when present (bf16 where native, else fp16 with a grad scaler), cpu in fp32; refuse what isn't here."""
+    """cuda when present (bf16 where native, else fp16 with a grad scaler; compiled where Triton is), else cpu in
+    fp32, eager; refuse what isn't here."""
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,15 +31,26 @@ def resolve_hardware(cfg: TrainConfig) -> Hardware:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={cfg.device!r} is not available on this machine: use auto or cpu")
     device = torch.device(name)
-    if cfg.dtype == "auto":
-        if device.type == "cuda":
-            # emulated bf16 (pre-Ampere) is slower than fp16 with loss scaling
-            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-            dtype = torch.bfloat16 if native_bf16 else torch.float16
-        else:
-            dtype = torch.float32
-    else:
-        dtype = getattr(torch, cfg.dtype)
+    dtype = auto_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("dtype='float16' is not allowed on cpu: use float32 or bfloat16")
-    return Hardware(device, dtype)
+    return Hardware(device, dtype, resolve_compile(cfg.compile, device))
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """CUDA: bf16 where native, else fp16 with loss scaling (emulated bf16, before Ampere, is slower). Elsewhere
+    fp32: on a CPU without AVX-512 BF16 a bf16 step took 14x as long (bench/README), and bf16 on a CPU with it is
+    not benchmarked yet."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float32
+
+
+def resolve_compile(choice: str, device: torch.device) -> bool:
+    """auto compiles on CUDA, where Inductor's kernels come from Triton and fuse the small model's many launches. A
+    CPU trains eager unless told `on`: on the 2-core CPU compiling took 84 s and gained 1-6 % a step (bench/README)."""
+    if choice != "auto":
+        return choice == "on"
+    from torch.utils._triton import has_triton  # torch's own test of a working Triton for this device
+
+    return device.type == "cuda" and has_triton()

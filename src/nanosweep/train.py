@@ -63,11 +63,11 @@ def plan_passes(group: FusedGroup, batches: Batches, autocast: Any) -> PassPlan:
 @torch.no_grad()
 def estimate_losses(group: FusedGroup, batches: Batches, autocast: Any, plan: PassPlan) -> list[dict[str, float]]:
     """Each trial's mean loss over eval_iters random batches per split, in eval mode (no dropout)."""
-    runs, model = group.runs, group.model
+    runs = group.runs
     cfg = runs[0].cfg  # batch_size, block_size and eval_iters are equal in a fused group
     # their own generators, seeded by the iteration: evaluation never shifts the training batches
     generators = [torch.Generator().manual_seed(r.cfg.seed * 1_000_003 + r.iter_num) for r in runs]
-    model.eval()
+    group.model.eval()
     out: list[dict[str, float]] = [{} for _ in runs]
     n = cfg.eval_iters * cfg.batch_size
 
@@ -75,7 +75,7 @@ def estimate_losses(group: FusedGroup, batches: Batches, autocast: Any, plan: Pa
         total = torch.zeros(len(runs), device=batches.device)
         for a in range(0, n, per_pass):
             with autocast:
-                total += model(x[:, a : a + per_pass], y[:, a : a + per_pass])[1] * min(per_pass, n - a)
+                total += group.forward(x[:, a : a + per_pass], y[:, a : a + per_pass])[1] * min(per_pass, n - a)
         return total
 
     for split in ("train", "val"):
@@ -89,7 +89,7 @@ def estimate_losses(group: FusedGroup, batches: Batches, autocast: Any, plan: Pa
         )
         for k, mean in enumerate((total / n).tolist()):  # one CPU-GPU sync per split
             out[k][split] = mean
-    model.train()
+    group.model.train()
     return out
 
 

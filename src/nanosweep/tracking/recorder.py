@@ -111,6 +111,7 @@ class RunRecorder:
                 "tokens_per_iter": cfg.tokens_per_iter,
                 "train_device": str(hardware.device),
                 "train_dtype": hardware.dtype_name,
+                "train_compiled": hardware.compile,
             }
         )
         split_sizes = {f"{split}_tokens": len(ids) for split, ids in batches.splits.items()}
