@@ -157,7 +157,8 @@ def test_a_staging_folder_that_a_killed_analysis_left_goes_with_the_next_analysi
     log_study(ensure_experiment("nanosweep"))
     out = tmp_path / "results"
     proc = nanosweep(user_env, "analyze", "--member", "m1", "--out", str(out))
-    run_appears(proc, "analysis")  # staged by now, logging its files
+    # writing its files into the staging folder: killed then, before a slow machine's analysis publishes them
+    the_moment(proc, lambda: out.is_dir() and any(p.name.startswith(".analysis-") for p in out.iterdir()))
     proc.kill()
     proc.communicate()
     assert [p.name for p in out.iterdir() if p.name.startswith(".analysis-")]  # SIGKILL: nobody could remove it
