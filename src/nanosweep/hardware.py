@@ -51,6 +51,8 @@ def resolve_compile(choice: str, device: torch.device) -> bool:
     CPU trains eager unless told `on`: on the 2-core CPU compiling took 84 s and gained 1-6 % a step (bench/README)."""
     if choice != "auto":
         return choice == "on"
-    from torch.utils._triton import has_triton  # torch's own test of a working Triton for this device
+    if device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton  # torch's own test of a working Triton; imported only for CUDA
 
-    return device.type == "cuda" and has_triton()
+    return has_triton()
