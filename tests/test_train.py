@@ -90,8 +90,14 @@ def test_checkpoint_is_nanogpts_format_and_a_reloaded_model_generates_text(prepa
     assert texts == generate_texts(model, vocab, SampleSettings(prompt="ROMEO:", num_samples=3, max_new_tokens=50))
 
 
-def test_auto_trains_a_cpu_in_fp32_and_eager_unless_told_otherwise():
-    auto = resolve_hardware(TrainConfig(device="cpu"))
-    assert (auto.dtype, auto.compile) == (torch.float32, False)
-    told = resolve_hardware(TrainConfig(device="cpu", dtype="bfloat16", compile="on"))
-    assert (told.dtype, told.compile) == (torch.bfloat16, True)
+def test_auto_trains_a_cpu_eager_in_fp32_or_wide_models_in_bf16_where_the_cpu_has_it():
+    narrow = resolve_hardware(TrainConfig(device="cpu", n_embd=128))
+    assert (narrow.dtype, narrow.compile) == (torch.float32, False)  # autocast's casts cost more than they save
+    wide = resolve_hardware(TrainConfig(device="cpu", n_embd=256))
+    assert wide.dtype == (torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32)
+    told = resolve_hardware(TrainConfig(device="cpu", n_embd=256, dtype="float32", compile="on"))
+    assert (told.dtype, told.compile) == (torch.float32, True)
+    told = resolve_hardware(TrainConfig(device="cpu", dtype="bfloat16"))
+    assert told.dtype == torch.bfloat16
+
+

@@ -8,6 +8,10 @@ import torch
 
 from nanosweep.config import ConfigError, TrainConfig
 
+# On a CPU with native bf16 (AVX-512 BF16, here with AMX) a bf16 step paid 1.4-1.6x from width 256 and lost up to
+# 30 % at width 128, where autocast's casts cost more than the matmuls save (bench/README, "A CPU step").
+CPU_BF16_MIN_WIDTH = 256
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -21,8 +25,8 @@ class Hardware:
 
 
 def resolve_hardware(cfg: TrainConfig) -> Hardware:
-    """cuda when present (bf16 where native, else fp16 with a grad scaler; compiled where Triton is), else cpu in
-    fp32, eager; refuse what isn't here."""
+    """cuda when present (bf16 where native, else fp16 with a grad scaler; compiled where Triton is), else cpu
+    (bf16 for wide models on a CPU with native bf16, else fp32), eager; refuse what isn't here."""
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,19 +35,26 @@ def resolve_hardware(cfg: TrainConfig) -> Hardware:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={cfg.device!r} is not available on this machine: use auto or cpu")
     device = torch.device(name)
-    dtype = auto_dtype(device) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    dtype = auto_dtype(device, cfg.n_embd) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("dtype='float16' is not allowed on cpu: use float32 or bfloat16")
     return Hardware(device, dtype, resolve_compile(cfg.compile, device))
 
 
-def auto_dtype(device: torch.device) -> torch.dtype:
-    """CUDA: bf16 where native, else fp16 with loss scaling (emulated bf16, before Ampere, is slower). Elsewhere
-    fp32: on a CPU without AVX-512 BF16 a bf16 step took 14x as long (bench/README), and bf16 on a CPU with it is
-    not benchmarked yet."""
+def auto_dtype(device: torch.device, n_embd: int) -> torch.dtype:
+    """CUDA: bf16 where native, else fp16 with loss scaling (emulated bf16, before Ampere, is slower). CPU: bf16 where
+    it is native and the model is wide enough to gain from it (CPU_BF16_MIN_WIDTH); emulated, without AVX-512 BF16,
+    a bf16 step took 14x as long (bench/README). Elsewhere fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if device.type == "cpu" and n_embd >= CPU_BF16_MIN_WIDTH and cpu_has_native_bf16():
+        return torch.bfloat16
     return torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 instructions, which oneDNN's bf16 kernels need to beat fp32; torch's own test of them."""
+    return torch.cpu._is_avx512_bf16_supported()
 
 
 def resolve_compile(choice: str, device: torch.device) -> bool:
