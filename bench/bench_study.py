@@ -88,7 +88,7 @@ def nanogpt_seconds(tree: Path, cfg: TrainConfig, device: str, iters: int) -> tu
     if not (data / "train.bin").exists():
         (data / "input.txt").write_bytes(find_input().read_bytes())
         subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
-    dtype = "float32" if device == "cpu" else "bfloat16"
+    dtype = "float32" if device == "cpu" else "bfloat16"  # nanoGPT trains a CPU in fp32 whatever it is told
     with tempfile.TemporaryDirectory() as work:
         config = Path(work) / "bench_config.py"
         config.write_text(
@@ -165,7 +165,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")
     parser.add_argument("--iters", type=int, default=3, help="timed recipe iterations after one warm-up")
-    parser.add_argument("--archs", default="extremes", help="extremes (smallest and largest), smallest or all")
+    parser.add_argument("--archs", default="extremes", help="extremes (smallest and largest), smallest, largest or all")
     parser.add_argument("--nanogpt", type=Path, default=None, help="a checkout of karpathy/nanoGPT")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--sweep", default=None, help="also time `nanosweep sweep --member SWEEP` for real")
@@ -176,7 +176,7 @@ def main() -> None:
     batches = Batches(prepare(), hw.device)
     groups = study_groups(device)
     names = sorted(groups, key=lambda n: flops_per_iter(groups[n][0]))
-    chosen = {"all": names, "smallest": names[:1]}.get(args.archs, [names[0], names[-1]])
+    chosen = {"all": names, "smallest": names[:1], "largest": names[-1:]}.get(args.archs, [names[0], names[-1]])
     measured = []
     for name in chosen:
         configs = sorted(groups[name], key=lambda c: (c.dropout, c.max_iters))[:4]  # one member's group
@@ -186,7 +186,8 @@ def main() -> None:
         if args.nanogpt:
             m.seconds["nanoGPT"] = nanogpt_seconds(args.nanogpt, configs[0], device, args.iters + 3)
         measured.append(m)
-        print(name, {way: (round(s, 3), round(e, 3)) for way, (s, e) in m.seconds.items()}, flush=True)
+        dtype = resolve_hardware(configs[0]).dtype_name  # dtype=auto for this architecture; nanoGPT: fp32 on CPU
+        print(name, dtype, {way: (round(s, 3), round(e, 3)) for way, (s, e) in m.seconds.items()}, flush=True)
 
     gpu = torch.cuda.get_device_name(hw.device) if hw.device.type == "cuda" else None
     print(

@@ -10,7 +10,7 @@ from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
-from nanosweep.group import Trial, build_model, fusion_key
+from nanosweep.group import Diverged, Trial, build_model, fusion_key
 from nanosweep.hardware import resolve_hardware
 from nanosweep.model import GPT
 from nanosweep.sampling import SampleSettings, generate_texts
@@ -93,6 +93,32 @@ def test_a_diverging_trial_ends_failed_alone_and_its_siblings_finish(store):
     assert good_run.data.tags["fused_group"] == bad_run.data.tags["fused_group"] == "g1"
     assert good_run.data.metrics["val_loss"] < math.log(65)
 
+
+def test_a_trained_runs_end_goes_on_beside_its_siblings_training(store):
+    experiment = ensure_experiment("nanosweep")
+    short = tiny_config(seed=1, max_iters=10, num_samples=10, max_new_tokens=300)  # samples and curve: about 1 s
+    long = tiny_config(seed=2, max_iters=80, log_interval=1)
+    runs = [(cfg, TrackedRun.create(experiment, cfg.run_name, {})) for cfg in (short, long)]
+    assert list(run_group([(cfg, run.run_id) for cfg, run in runs], {}).values()) == ["FINISHED", "FINISHED"]
+    (_, short_run), (_, long_run) = runs
+    short_ended = short_run.info().info.end_time
+    history = MlflowClient().get_metric_history(long_run.run_id, "iter_loss")
+    beside = [m.step for m in history if m.step > short.max_iters and m.timestamp < short_ended]
+    assert beside, "the long run trained nothing while the short run's samples and loss curve were made"
+    artifacts = artifact_paths(MlflowClient(), short_run.run_id)
+    assert {f"samples/{short.run_name}.txt", "loss_curve.png"} <= artifacts
+
+def test_losses_read_back_a_step_late_are_all_logged_and_a_diverged_trial_ends_at_its_own_iteration(prepared):
+    good = tiny_config(seed=1, log_interval=1)
+    bad = tiny_config(seed=2, log_interval=1, learning_rate=1e30, grad_clip=0.0)
+    (good_log, bad_log), ended = fused([good, bad], prepared)
+    assert sorted(good_log.metrics["iter_loss"]) == list(range(good.max_iters))  # every step, the last one too
+    assert isinstance(ended[2], Diverged)
+    last = max(bad_log.metrics["iter_loss"])  # the first non-finite loss is logged, and is where the trial ended
+    assert sorted(bad_log.metrics["iter_loss"]) == list(range(last + 1))
+    assert not math.isfinite(bad_log.metrics["iter_loss"][last])
+    assert all(math.isfinite(bad_log.metrics["iter_loss"][step]) for step in range(last))
+    assert str(ended[2]).endswith(f"at iteration {last}") and 0 < last < bad.max_iters - 1
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
     found = set()

@@ -8,8 +8,8 @@ import torch
 
 from nanosweep.config import ConfigError, TrainConfig
 
-# On a CPU with native bf16 (AVX-512 BF16, here with AMX) a bf16 step paid 1.4-1.6x from width 256 and lost up to
-# 30 % at width 128, where autocast's casts cost more than the matmuls save (bench/README, "A CPU step").
+# On a CPU with native bf16 (AVX-512 BF16, there with AMX) a bf16 step was 1.2-1.5x as fast from width 256 and 9-23 %
+# slower at width 128, where autocast's casts cost more than the matmuls save (bench/README, "A CPU step").
 CPU_BF16_MIN_WIDTH = 256
 
 

@@ -120,7 +120,13 @@ class StopSignals:
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
-        """A section that a stop signal does not interrupt; the outermost one raises Interrupted at its end instead."""
+        """A section that a stop signal does not interrupt; the outermost one raises Interrupted at its end instead.
+
+        Signals land in the main thread only, so a section on another thread (a run's end beside its siblings'
+        training) defers nothing: the main thread, interrupted, waits for that thread before it stops."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
         self.depth += 1
         try:
             yield

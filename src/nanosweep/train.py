@@ -118,7 +118,17 @@ def train_fused(
         for run, result in results:
             on_end(run.trial, result)
 
+    def log_losses(readback: LossReadback | None) -> None:
+        diverged = readback.log(group.runs) if readback else []
+        if diverged:
+            end(diverged)
+
+    pending: LossReadback | None = None  # the last logged step's losses, read after the next step is queued
     while group.runs:
+        if any(run.eval_due or run.iter_num >= run.cfg.max_iters for run in group.runs):
+            log_losses(pending)  # a run's losses are logged before it evaluates or ends
+            pending = None
+
         # evaluate and checkpoint the trials whose iteration calls for it (the stack is evaluated whole)
         stopping: list[tuple[RunningTrial, TrainOutcome | Diverged | StoppedEarly]] = []
         if any(run.eval_due for run in group.runs):
@@ -158,20 +168,44 @@ def train_fused(
         logging = [k for k, r in enumerate(group.runs) if r.iter_num % r.cfg.log_interval == 0]
         group.step()
 
-        # log: .tolist() is a CPU-GPU sync point, so only when some trial logs
-        if logging:
-            values = step_loss.tolist()
-            for k in logging:
-                run = group.runs[k]
-                elapsed = time.perf_counter() - run.t0
-                tokens_per_sec = run.iters_since_log * run.cfg.tokens_per_iter / elapsed
-                metrics = {"iter_loss": values[k], "lr": lrs[k], "tokens_per_sec": tokens_per_sec}
-                run.observer.log_metrics(metrics, step=run.iter_num - 1)
-                run.t0, run.iters_since_log = time.perf_counter(), 0
-            diverged = [(group.runs[k], values[k]) for k in range(len(group.runs)) if not math.isfinite(values[k])]
-            if diverged:
-                end([(run, Diverged(f"training loss is {value} at iteration {run.iter_num - 1}")) for run, value in
-                     diverged])  # fmt: skip
+        # log the previous logging step's losses, copied to the host while this step was queued: reading them waits
+        # for that copy alone, so the GPU is not left idle while the host logs
+        readback = LossReadback(step_loss, group.runs, logging, lrs, hw) if logging else None
+        log_losses(pending)
+        pending = readback
+
+
+class LossReadback:
+    """One step's losses on their way to the host (a CPU-GPU sync point read late, not avoided) and the runs that
+    log them: read once the next step is queued, when the copy is long done."""
+
+    def __init__(self, step_loss: torch.Tensor, runs: list[RunningTrial], logging: list[int], lrs: list[float],
+                 hw: Hardware) -> None:  # fmt: skip
+        self.runs, self.logging, self.lrs = list(runs), logging, lrs
+        self.iters = [run.iter_num - 1 for run in runs]  # the iteration the losses are of
+        self.copied: torch.cuda.Event | None = None
+        self.losses = step_loss
+        if hw.device.type == "cuda":
+            self.losses = torch.empty(step_loss.shape, pin_memory=True)  # pinned, so that the copy does not block
+            self.losses.copy_(step_loss, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def log(self, training: list[RunningTrial]) -> list[tuple[RunningTrial, Diverged]]:
+        """Log each logging run still training; return those whose loss is not finite, which end as diverged."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        values = self.losses.tolist()
+        still = [k for k, run in enumerate(self.runs) if run in training]
+        for k in (k for k in self.logging if k in still):
+            run = self.runs[k]
+            elapsed = time.perf_counter() - run.t0
+            tokens_per_sec = run.iters_since_log * run.cfg.tokens_per_iter / elapsed
+            metrics = {"iter_loss": values[k], "lr": self.lrs[k], "tokens_per_sec": tokens_per_sec}
+            run.observer.log_metrics(metrics, step=self.iters[k])
+            run.t0, run.iters_since_log = time.perf_counter(), 0
+        return [(self.runs[k], Diverged(f"training loss is {values[k]} at iteration {self.iters[k]}"))
+                for k in still if not math.isfinite(values[k])]  # fmt: skip
 
 
 def train(

@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,9 @@ def train_runs(
     """
     vocab = prepared.vocab()
     batches = Batches(prepared, hardware.device)
+    # a trained run's end (samples, final flush, loss curve) goes on beside its siblings' training, one at a time
+    run_ends = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-end")
+    ending: list[Future] = []
     # one system-metrics monitor for the process, on its own GPU, logging to each of its runs
     monitor = SystemMonitor([hardware.device.index or 0]) if hardware.device.type == "cuda" else None
     recorders = [RunRecorder(cfg, run, monitor) for cfg, run in specs]
@@ -195,29 +199,39 @@ def train_runs(
                 trials.append(Trial(recorder.cfg, model, watch(observer) if watch else observer, checkpoint))
                 recorder_of[id(trials[-1])] = recorder
 
+            def finish(recorder: RunRecorder, outcome: TrainOutcome, model: GPT) -> None:
+                try:
+                    recorder.finish_trained(outcome, model, vocab)
+                except Exception as exc:  # its siblings go on; this run's end says why
+                    recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
+
             def on_end(trial: Trial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
                 recorder = recorder_of[id(trial)]
+                if isinstance(result, TrainOutcome):  # the trial's model is its own now: training does not touch it
+                    ending.append(run_ends.submit(finish, recorder, result, trial.model))
+                    return
                 with stop_signals.deferred():
                     if isinstance(result, Diverged):
                         recorder.end("FAILED", f"Diverged: {result}")
-                    elif isinstance(result, StoppedEarly):
+                    else:
                         recorder.run.set_tags(result.tags)
                         recorder.end("FINISHED", str(result))
-                    else:
-                        try:
-                            recorder.finish_trained(result, trial.model, vocab)
-                        except Exception as exc:  # its siblings go on; this run's end says why
-                            recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
 
             if trials:
                 train_fused(trials, batches, hardware, on_end)
+            run_ends.shutdown(wait=True)
+            for end in ending:
+                end.result()  # what escaped a run's end (not an Exception) fails the runs below
         except (Interrupted, KeyboardInterrupt) as exc:
+            # the run end under way completes; those not begun end KILLED, to be finished from their last checkpoint
+            run_ends.shutdown(wait=True, cancel_futures=True)
             # Ctrl-C reaches the sweep too, whose SIGTERM follows: stop_signals ignores it now
             for recorder in recorders:
                 recorder.end("KILLED", f"interrupted by {signal_name(exc)}")
             raise
         except BaseException as exc:
             with stop_signals.deferred():
+                run_ends.shutdown(wait=True)  # trained runs still end as they would have
                 for recorder in recorders:
                     recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
             raise
