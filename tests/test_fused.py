@@ -1,5 +1,6 @@
 """Fused training: K trials of one architecture as one stacked model, each still its own training and run."""
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from nanosweep.group import Diverged, Trial, build_model, fusion_key
 from nanosweep.hardware import resolve_hardware
 from nanosweep.model import GPT
 from nanosweep.sampling import SampleSettings, generate_texts
-from nanosweep.tracking.recorder import run_group, run_trial
+from nanosweep.tracking.recorder import run_group, run_trial, train_runs
 from nanosweep.tracking.run import TrackedRun
 from nanosweep.tracking.store import ensure_experiment
 from nanosweep.train import train, train_fused
@@ -94,19 +95,24 @@ def test_a_diverging_trial_ends_failed_alone_and_its_siblings_finish(store):
     assert good_run.data.metrics["val_loss"] < math.log(65)
 
 
-def test_a_trained_runs_end_goes_on_beside_its_siblings_training(store):
+@pytest.mark.parametrize("overlap", [True, False], ids=["beside-training", "cpu-default"])
+def test_a_trained_runs_end_goes_on_beside_its_siblings_training_where_the_hardware_overlaps_them(store, prepared,
+                                                                                                 overlap):  # fmt: skip
     experiment = ensure_experiment("nanosweep")
     short = tiny_config(seed=1, max_iters=10, num_samples=10, max_new_tokens=300)  # samples and curve: about 1 s
     long = tiny_config(seed=2, max_iters=80, log_interval=1)
     runs = [(cfg, TrackedRun.create(experiment, cfg.run_name, {})) for cfg in (short, long)]
-    assert list(run_group([(cfg, run.run_id) for cfg, run in runs], {}).values()) == ["FINISHED", "FINISHED"]
+    assert resolve_hardware(short).overlap_run_ends is False  # a CPU's cores are all training
+    hardware = dataclasses.replace(resolve_hardware(short), overlap_run_ends=overlap)
+    assert list(train_runs(runs, prepared, hardware, {}).values()) == ["FINISHED", "FINISHED"]
     (_, short_run), (_, long_run) = runs
     short_ended = short_run.info().info.end_time
     history = MlflowClient().get_metric_history(long_run.run_id, "iter_loss")
     beside = [m.step for m in history if m.step > short.max_iters and m.timestamp < short_ended]
-    assert beside, "the long run trained nothing while the short run's samples and loss curve were made"
+    assert bool(beside) == overlap, beside
     artifacts = artifact_paths(MlflowClient(), short_run.run_id)
     assert {f"samples/{short.run_name}.txt", "loss_curve.png"} <= artifacts
+
 
 def test_losses_read_back_a_step_late_are_all_logged_and_a_diverged_trial_ends_at_its_own_iteration(prepared):
     good = tiny_config(seed=1, log_interval=1)

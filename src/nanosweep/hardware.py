@@ -18,6 +18,9 @@ class Hardware:
     device: torch.device
     dtype: torch.dtype
     compile: bool = False  # torch.compile the passes: on CUDA they are launch-bound, and compiling fuses launches
+    # a trained run's end (samples, final flush, loss curve) beside its siblings' training: on a GPU the host is free
+    # for it; a CPU's cores are all training, and sharing them made a quick grid 5-8 % slower (bench/README)
+    overlap_run_ends: bool = False
 
     @property
     def dtype_name(self) -> str:
@@ -38,7 +41,7 @@ def resolve_hardware(cfg: TrainConfig) -> Hardware:
     dtype = auto_dtype(device, cfg.n_embd) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if dtype == torch.float16 and device.type == "cpu":
         raise ConfigError("dtype='float16' is not allowed on cpu: use float32 or bfloat16")
-    return Hardware(device, dtype, resolve_compile(cfg.compile, device))
+    return Hardware(device, dtype, resolve_compile(cfg.compile, device), overlap_run_ends=device.type == "cuda")
 
 
 def auto_dtype(device: torch.device, n_embd: int) -> torch.dtype:

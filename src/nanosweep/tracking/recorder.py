@@ -173,7 +173,8 @@ def train_runs(
     """
     vocab = prepared.vocab()
     batches = Batches(prepared, hardware.device)
-    # a trained run's end (samples, final flush, loss curve) goes on beside its siblings' training, one at a time
+    # trained runs end (samples, final flush, loss curve) one at a time on a thread of their own, beside their
+    # siblings' training where the hardware overlaps them
     run_ends = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-end")
     ending: list[Future] = []
     # one system-metrics monitor for the process, on its own GPU, logging to each of its runs
@@ -209,6 +210,8 @@ def train_runs(
                 recorder = recorder_of[id(trial)]
                 if isinstance(result, TrainOutcome):  # the trial's model is its own now: training does not touch it
                     ending.append(run_ends.submit(finish, recorder, result, trial.model))
+                    if not hardware.overlap_run_ends:
+                        ending[-1].result()  # the siblings wait: their training needs the cores the end uses
                     return
                 with stop_signals.deferred():
                     if isinstance(result, Diverged):
