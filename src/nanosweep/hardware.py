@@ -19,7 +19,7 @@ class Hardware:
     dtype: torch.dtype
     compile: bool = False  # torch.compile the passes: on CUDA they are launch-bound, and compiling fuses launches
     # a trained run's end (samples, final flush, loss curve) beside its siblings' training: on a GPU the host is free
-    # for it; a CPU's cores are all training, and sharing them made a quick grid 5-8 % slower (bench/README)
+    # for it; a CPU's cores are all training, and sharing them made the quick grid slower (bench/README)
     overlap_run_ends: bool = False
 
     @property

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from nanosweep.config import ConfigError, TrainConfig
 from nanosweep.data import SOURCE_URL, Batches, PreparedData, Vocab, prepare
 from nanosweep.group import Diverged, RunObserver, StoppedEarly, TrainOutcome, Trial, build_model
@@ -173,9 +175,11 @@ def train_runs(
     """
     vocab = prepared.vocab()
     batches = Batches(prepared, hardware.device)
-    # trained runs end (samples, final flush, loss curve) one at a time on a thread of their own, beside their
-    # siblings' training where the hardware overlaps them
-    run_ends = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-end")
+    # where the hardware overlaps them, trained runs end (samples, final flush, loss curve) one at a time on a thread
+    # beside their siblings' training (started at the first end). It computes on one CPU thread: a second OpenMP team
+    # in the process made every later parallel region of the training's 2x slower (libgomp stops spinning once it
+    # manages more threads than there are cores)
+    run_ends = ThreadPoolExecutor(1, "run-end", initializer=torch.set_num_threads, initargs=(1,))
     ending: list[Future] = []
     # one system-metrics monitor for the process, on its own GPU, logging to each of its runs
     monitor = SystemMonitor([hardware.device.index or 0]) if hardware.device.type == "cuda" else None
@@ -208,13 +212,13 @@ def train_runs(
 
             def on_end(trial: Trial, result: TrainOutcome | Diverged | StoppedEarly) -> None:
                 recorder = recorder_of[id(trial)]
-                if isinstance(result, TrainOutcome):  # the trial's model is its own now: training does not touch it
-                    ending.append(run_ends.submit(finish, recorder, result, trial.model))
-                    if not hardware.overlap_run_ends:
-                        ending[-1].result()  # the siblings wait: their training needs the cores the end uses
+                if isinstance(result, TrainOutcome) and hardware.overlap_run_ends:
+                    ending.append(run_ends.submit(finish, recorder, result, trial.model))  # the model is its own now
                     return
                 with stop_signals.deferred():
-                    if isinstance(result, Diverged):
+                    if isinstance(result, TrainOutcome):  # a CPU's cores are all training's: the siblings wait
+                        finish(recorder, result, trial.model)
+                    elif isinstance(result, Diverged):
                         recorder.end("FAILED", f"Diverged: {result}")
                     else:
                         recorder.run.set_tags(result.tags)
