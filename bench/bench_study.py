@@ -66,12 +66,15 @@ def flops_per_iter(cfg: TrainConfig) -> float:
 def loop_seconds(configs: list[TrainConfig], batches: Batches, iters: int) -> tuple[float, float]:
     """(seconds per iteration of the group, seconds per evaluation of the group), from the real loop."""
     # the loop evaluates at 0 and at max_iters: with one batch there, the steps are what it spends its time on
-    timed = [c.replace(max_iters=iters + 1, log_interval=1, eval_iters=1, num_samples=0) for c in configs]
+    timed = [c.replace(max_iters=iters + 2, log_interval=1, eval_iters=1, num_samples=0) for c in configs]
     clocks = [StepClock() for _ in timed]
     hw = resolve_hardware(timed[0])
     trials = [Trial(c, build_model(c, VOCAB), clock) for c, clock in zip(timed, clocks)]
     train_fused(trials, batches, hw, lambda trial, result: None)
-    step = statistics.median(b - a for a, b in zip(clocks[0].stamps, clocks[0].stamps[1:]))  # after a warm-up step
+    # step s's loss is read once step s+1 is done, the last one at the end with no step between: left out; the
+    # intervals are then steps 2 .. iters+1, after a warm-up step
+    stamps = clocks[0].stamps[:-1]
+    step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
     group = FusedGroup([Trial(c, build_model(c, VOCAB), StepClock()) for c in configs], hw)
     autocast = nullcontext() if hw.dtype == torch.float32 else torch.autocast(hw.device.type, dtype=hw.dtype)
     plan = plan_passes(group, batches, autocast)  # measured on a GPU, before the clock starts
