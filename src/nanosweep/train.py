@@ -189,7 +189,7 @@ class LossReadback:
             self.losses = torch.empty(step_loss.shape, pin_memory=True)  # pinned, so that the copy does not block
             self.losses.copy_(step_loss, non_blocking=True)
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(hw.device))  # the copy's stream, whichever device is current
 
     def log(self, training: list[RunningTrial]) -> list[tuple[RunningTrial, Diverged]]:
         """Log each logging run still training; return those whose loss is not finite, which end as diverged."""
