@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import threading
 
 import pytest
 import torch
@@ -11,11 +12,11 @@ from conftest import Recorder, tiny_config
 from nanosweep.checkpoint import load_checkpoint, model_from_checkpoint
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches
-from nanosweep.group import Diverged, Trial, build_model, fusion_key
+from nanosweep.group import Diverged, RunObserver, Trial, build_model, fusion_key
 from nanosweep.hardware import resolve_hardware
 from nanosweep.model import GPT
 from nanosweep.sampling import SampleSettings, generate_texts
-from nanosweep.tracking.recorder import run_group, run_trial, train_runs
+from nanosweep.tracking.recorder import RunRecorder, run_group, run_trial, train_runs
 from nanosweep.tracking.run import TrackedRun
 from nanosweep.tracking.store import ensure_experiment
 from nanosweep.train import train, train_fused
@@ -95,22 +96,46 @@ def test_a_diverging_trial_ends_failed_alone_and_its_siblings_finish(store):
     assert good_run.data.metrics["val_loss"] < math.log(65)
 
 
+class Sibling:
+    """A trial's observer that tells `went_on` once the trial logs a step past `step`."""
+
+    def __init__(self, observer: RunObserver, step: int, went_on: threading.Event) -> None:
+        self.observer, self.step, self.went_on = observer, step, went_on
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.observer.log_metrics(metrics, step)
+        if step > self.step:
+            self.went_on.set()
+
+    def log_checkpoint(self, checkpoint: dict) -> None:
+        self.observer.log_checkpoint(checkpoint)
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["beside-training", "cpu-default"])
-def test_a_trained_runs_end_goes_on_beside_its_siblings_training_where_the_hardware_overlaps_them(store, prepared,
-                                                                                                 overlap):  # fmt: skip
+def test_a_trained_runs_end_goes_on_beside_its_siblings_training_where_the_hardware_overlaps_them(
+    store, prepared, overlap, monkeypatch
+) -> None:
     experiment = ensure_experiment("nanosweep")
-    short = tiny_config(seed=1, max_iters=10, num_samples=10, max_new_tokens=300)  # samples and curve: about 1 s
-    long = tiny_config(seed=2, max_iters=80, log_interval=1)
+    short, long = tiny_config(seed=1, max_iters=10), tiny_config(seed=2, max_iters=40, log_interval=1)
     runs = [(cfg, TrackedRun.create(experiment, cfg.run_name, {})) for cfg in (short, long)]
     assert resolve_hardware(short).overlap_run_ends is False  # a CPU's cores are all training
     hardware = dataclasses.replace(resolve_hardware(short), overlap_run_ends=overlap)
-    assert list(train_runs(runs, prepared, hardware, {}).values()) == ["FINISHED", "FINISHED"]
-    (_, short_run), (_, long_run) = runs
-    short_ended = short_run.info().info.end_time
-    history = MlflowClient().get_metric_history(long_run.run_id, "iter_loss")
-    beside = [m.step for m in history if m.step > short.max_iters and m.timestamp < short_ended]
-    assert bool(beside) == overlap, beside
-    artifacts = artifact_paths(MlflowClient(), short_run.run_id)
+    # the short run's end waits for its sibling to log a step past it: only a sibling training beside it can
+    went_on, waited = threading.Event(), []
+    finish_trained = RunRecorder.finish_trained
+
+    def finish_once_the_sibling_went_on(recorder: RunRecorder, *args: object) -> None:
+        if recorder.cfg is short:
+            waited.append(went_on.wait(timeout=60 if overlap else 1))
+        finish_trained(recorder, *args)
+
+    def watch(observer: RunRecorder) -> RunObserver:
+        return Sibling(observer, short.max_iters, went_on) if observer.cfg is long else observer
+
+    monkeypatch.setattr(RunRecorder, "finish_trained", finish_once_the_sibling_went_on)
+    assert list(train_runs(runs, prepared, hardware, {}, watch).values()) == ["FINISHED", "FINISHED"]
+    assert waited == [overlap]
+    artifacts = artifact_paths(MlflowClient(), runs[0][1].run_id)
     assert {f"samples/{short.run_name}.txt", "loss_curve.png"} <= artifacts
 
 
@@ -125,6 +150,7 @@ def test_losses_read_back_a_step_late_are_all_logged_and_a_diverged_trial_ends_a
     assert not math.isfinite(bad_log.metrics["iter_loss"][last])
     assert all(math.isfinite(bad_log.metrics["iter_loss"][step]) for step in range(last))
     assert str(ended[2]).endswith(f"at iteration {last}") and 0 < last < bad.max_iters - 1
+
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
     found = set()

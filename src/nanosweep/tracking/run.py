@@ -100,7 +100,12 @@ class MetricBuffer:
         """Flush, then block until every point handed out is in the store (raising what the store refused)."""
         self.flush()
         while self._pending:
-            self._pending.pop(0).wait()
+            try:
+                self._pending[0].wait()
+            except Exception:  # what the store refused is raised once; a stop signal leaves the batch to wait for
+                self._pending.pop(0)
+                raise
+            self._pending.pop(0)
 
     def raise_timer_error(self) -> None:
         """Raise the error of a timer flush that failed, once: that thread cannot tell the training thread."""
@@ -116,7 +121,10 @@ class CheckpointUploader:
     def __init__(self, client: MlflowClient, run_id: str):
         self.client = client
         self.run_id = run_id
-        self._thread: threading.Thread | None = None
+        # set when the upload in flight is over, so its end is waited for on an Event and not by Thread.join:
+        # Python 3.11's join, cut by a stop signal's exception, marks a thread still running as stopped
+        self._done = threading.Event()
+        self._done.set()
         self._error: BaseException | None = None
 
     def start(self, checkpoint: dict[str, Any], path: Path, after: list[Any]) -> None:
@@ -134,15 +142,15 @@ class CheckpointUploader:
                 self._error = exc
             finally:
                 path.unlink(missing_ok=True)
+                self._done.set()
 
-        self._thread = threading.Thread(target=upload, name="ckpt-upload", daemon=True)
-        self._thread.start()
+        with stop_signals.deferred():  # the upload starts with its Event cleared, or not at all: never a wait forever
+            self._done.clear()
+            threading.Thread(target=upload, name="ckpt-upload", daemon=True).start()
 
     def wait(self) -> None:
         """Block until the upload in flight is done; raise its error, once."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._done.wait()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
