@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,22 +227,26 @@ def train_runs(
 
             if trials:
                 train_fused(trials, batches, hardware, on_end)
-            run_ends.shutdown(wait=True)
+            # run ends are waited for as Futures, not by joining the thread: Python 3.11's Thread.join, cut by a
+            # stop signal, takes a running thread for stopped
             for end in ending:
                 end.result()  # what escaped a run's end (not an Exception) fails the runs below
         except (Interrupted, KeyboardInterrupt) as exc:
             # the run end under way completes; those not begun end KILLED, to be finished from their last checkpoint
-            run_ends.shutdown(wait=True, cancel_futures=True)
+            run_ends.shutdown(wait=False, cancel_futures=True)
+            futures.wait(ending)
             # Ctrl-C reaches the sweep too, whose SIGTERM follows: stop_signals ignores it now
             for recorder in recorders:
                 recorder.end("KILLED", f"interrupted by {signal_name(exc)}")
             raise
         except BaseException as exc:
             with stop_signals.deferred():
-                run_ends.shutdown(wait=True)  # trained runs still end as they would have
+                futures.wait(ending)  # trained runs still end as they would have
                 for recorder in recorders:
                     recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            run_ends.shutdown()
     return {recorder.run.run_id: recorder.final_status for recorder in recorders}
 
 
