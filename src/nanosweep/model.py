@@ -69,12 +69,19 @@ def init_weights(config: GPTConfig, seed: int) -> dict[str, torch.Tensor]:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Trial k's x (K, B, T, in) times its own weight (K, out, in): one batched matmul for all trials."""
+    """Trial k's x (K, B, T, in) times its own weight (K, out, in): one batched matmul for all trials. One trial's
+    is nanoGPT's matmul, whose backward writes the weight's gradient in the weight's layout (bmm's is transposed,
+    and copied once more on its way into the flat storage)."""
+    if weight.size(0) == 1:
+        return F.linear(x, weight.view(weight.shape[1:]))
     return torch.bmm(x.flatten(1, -2), weight.mT).unflatten(1, x.shape[1:-1])
 
 
 def layer_norm(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-    """LayerNorm without bias (nanoGPT's bias=False), eps 1e-5; each trial k scales by its own gain (K, C)."""
+    """LayerNorm without bias (nanoGPT's bias=False), eps 1e-5; each trial k scales by its own gain (K, C). One
+    trial's gain goes into the kernel itself, as nanoGPT's does; K gains scale the normalized x after it."""
+    if gain.size(0) == 1:
+        return F.layer_norm(x, x.shape[-1:], gain.view(gain.shape[1:]), eps=1e-5)  # a view: no copy in backward
     return F.layer_norm(x, x.shape[-1:], eps=1e-5) * gain[:, None, None, :]
 
 
@@ -223,7 +230,9 @@ class GPT(nn.Module):
         def attend(a: int, b: int, heads_and_rate: tuple[int, float]) -> torch.Tensor:
             nh, rate = heads_and_rate
             # (b-a, B, T, C) -> (b-a, B, nh, T, hs) -> ((b-a) B, nh, T, hs)
-            qa, ka, va = (t[a:b].reshape(b - a, B, T, nh, C // nh).transpose(2, 3).flatten(0, 1) for t in (q, k, v))
+            whole = (a, b) == (0, K)  # a slice, even of every trial, would cost a zero-filled copy in backward
+            qa, ka, va = ((t if whole else t[a:b]).reshape(b - a, B, T, nh, C // nh).transpose(2, 3).flatten(0, 1)
+                          for t in (q, k, v))  # fmt: skip
             y = F.scaled_dot_product_attention(qa, ka, va, dropout_p=rate, is_causal=True)
             return y.unflatten(0, (b - a, B)).transpose(2, 3).reshape(b - a, B, T, C)
 
