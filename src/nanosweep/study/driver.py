@@ -84,6 +84,14 @@ def close_trial_run(exit: TrialExit, run_id: str) -> Any:
     return info
 
 
+def keep_stopped_trial_log(exit: TrialExit) -> None:
+    """The output of a trial the driver stopped, under logs/ of each of its runs (which end KILLED: by the trial,
+    or with the command); what went wrong while it stopped is then read from the run."""
+    for run_id in exit.launch.run_ids:
+        with contextlib.suppress(Exception):  # the store may be what failed: the runs' end reasons say so
+            TrackedRun(run_id).log_file(exit.launch.log_path, "logs")
+
+
 def open_parent(experiment_id: str, attached: str | None, name: str, kind: str, tags: dict[str, Any]) -> TrackedRun:
     """The parent run of a sweep or a search (the run `mlflow run` created, else a new one), tagged with its driver."""
     if attached:
@@ -116,5 +124,6 @@ def supervise_trials(name: str, executor: Executor, parent: TrackedRun, stream: 
             if isinstance(exc, (Interrupted, KeyboardInterrupt)):
                 stream.write(f"{name}: interrupted by {signal_name(exc)}; stopping {len(launched())} trial(s)\n")
             # trials that got the same Ctrl-C are already ending their runs and ignore this SIGTERM
-            executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS)
+            for exit in executor.stop(signal.SIGTERM, STOP_GRACE_SECONDS):
+                keep_stopped_trial_log(exit)
             raise
