@@ -13,8 +13,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable
-from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,14 +233,14 @@ def train_runs(
         except (Interrupted, KeyboardInterrupt) as exc:
             # the run end under way completes; those not begun end KILLED, to be finished from their last checkpoint
             run_ends.shutdown(wait=False, cancel_futures=True)
-            futures.wait(ending)
+            wait(ending)
             # Ctrl-C reaches the sweep too, whose SIGTERM follows: stop_signals ignores it now
             for recorder in recorders:
                 recorder.end("KILLED", f"interrupted by {signal_name(exc)}")
             raise
         except BaseException as exc:
             with stop_signals.deferred():
-                futures.wait(ending)  # trained runs still end as they would have
+                wait(ending)  # trained runs still end as they would have
                 for recorder in recorders:
                     recorder.end("FAILED", f"{type(exc).__name__}: {exc}")
             raise
