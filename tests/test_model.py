@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanosweep.model import GPT, GPTConfig, init_weights
 
@@ -80,3 +81,32 @@ def test_forward_loss_at_init_is_near_uniform_and_generation_crops_context():
     assert loss.item() == pytest.approx(math.log(VOCAB), abs=0.2)
     out = model.generate(idx[:, :4], max_new_tokens=30, temperature=0.8, top_k=10)  # runs past block_size 16
     assert out.shape == (3, 34)
+
+
+class AtenOps(TorchDispatchMode):
+    """The names of the aten operations dispatched while it is active, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.names.add(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("trials", [1, 2])
+def test_on_a_cpu_bf16_attention_runs_as_matmuls_and_agrees_with_fp32_s_flash_kernel(trials):
+    config = GPTConfig(16, VOCAB, 2, 2, 32)  # dropout 0: PyTorch would pick its CPU flash-attention kernel
+    model = GPT(config, trials=trials)
+    for k in range(trials):
+        model.load_trial_state(k, init_weights(config, seed=k))
+    idx, targets = torch.randint(VOCAB, (trials, 4, 16)), torch.randint(VOCAB, (trials, 4, 16))
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        with AtenOps() as ops, torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            losses[dtype] = model(idx, targets)[1]
+            losses[dtype].sum().backward()
+        flash = {name for name in ops.names if "flash_attention" in name}
+        assert bool(flash) == (dtype == torch.float32), (dtype, flash)  # its bf16 backward is slow on a CPU
+    assert torch.allclose(losses[torch.bfloat16].float(), losses[torch.float32], atol=2e-2)

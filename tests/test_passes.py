@@ -12,12 +12,17 @@ from conftest import tiny_config
 from nanosweep.data import Batches
 from nanosweep.group import Trial, build_model
 from nanosweep.hardware import Hardware
-from nanosweep.memory import DoesNotFit, PassPlan, device_share, plan_from_peaks
+from nanosweep.memory import CPU_PASS_TOKENS, DoesNotFit, PassPlan, device_share, plan_from_peaks
 from nanosweep.model import GPT
 from nanosweep.train import train_fused
 
 CPU = Hardware(torch.device("cpu"), torch.float32)
 TOTAL = 8  # tiny_config: 2 micro-batches of 4 sequences per step
+
+
+def micro_batches() -> PassPlan:
+    """The recipe's micro-batches of 4 sequences per trial (a CPU's own plan would take the whole batch at once)."""
+    return PassPlan(preferred=4)
 
 
 class StepLog:
@@ -56,7 +61,8 @@ class Device:
                 raise torch.OutOfMemoryError("the allocator ran out once")
 
 
-def train(configs, prepared, plan=None, device=None) -> list[StepLog]:
+def train(configs, prepared, plan: PassPlan | None = None, device=None) -> list[StepLog]:
+    """Train the configs fused on the CPU through `device`, in `plan`'s passes (None: the CPU's own plan)."""
     logs = [StepLog() for _ in configs]
     trials = [Trial(cfg, build_model(cfg, 65), log) for cfg, log in zip(configs, logs)]
     device = device or Device()
@@ -84,9 +90,9 @@ CONFIGS = [tiny_config(dropout=0.0, seed=1), tiny_config(dropout=0.0, seed=2, le
 
 @pytest.mark.parametrize("fail_at", [1, 22], ids=["iteration 0", "checkpoint iteration 10, second pass"])
 def test_an_out_of_memory_step_is_retried_in_smaller_passes_and_trains_what_it_would_have(prepared, fail_at):
-    without = train(CONFIGS, prepared)
+    without = train(CONFIGS, prepared, micro_batches())
     device = Device(fail_at=fail_at)
-    with_oom = train(CONFIGS, prepared, device=device)
+    with_oom = train(CONFIGS, prepared, micro_batches(), device)
     for got, want in zip(with_oom, without):
         assert_same_training(got, want, tolerance=1e-5)  # only the passes' summation order differs
     sizes = [n for training, n in device.passes if training]
@@ -95,15 +101,15 @@ def test_an_out_of_memory_step_is_retried_in_smaller_passes_and_trains_what_it_w
 
 
 def test_an_evaluation_that_runs_out_of_memory_is_retried_on_the_same_batches(prepared):
-    without = train(CONFIGS, prepared)
+    without = train(CONFIGS, prepared, micro_batches())
     device = Device(fail_at=1, in_eval=True)
-    with_oom = train(CONFIGS, prepared, device=device)
+    with_oom = train(CONFIGS, prepared, micro_batches(), device)
     for got, want in zip(with_oom, without):
         assert_same_training(got, want, tolerance=1e-5)  # both passes shrink
 
 
 def test_the_whole_recipe_batch_in_one_pass_trains_like_the_micro_batches(prepared):
-    micro = train(CONFIGS, prepared)
+    micro = train(CONFIGS, prepared, micro_batches())
     device = Device()
     one_pass = train(CONFIGS, prepared, plan=PassPlan(preferred=TOTAL), device=device)
     assert {n for training, n in device.passes if training} == {2 * TOTAL}  # two trials, all 8 sequences each
@@ -120,6 +126,22 @@ def test_passes_halve_on_each_out_of_memory_error_until_they_fit_and_grow_back_w
     assert sizes[:3] == [2 * 8, 2 * 4, 2 * 4]  # 8 per trial fails, 4 per trial fits (two passes)
     assert sizes[-1] == 1 * 8  # alone, the second trial's passes grow back to the 8 trial-sequences that fit
     assert plan.capacity == 8
+
+
+def test_a_cpu_pass_holds_cpu_pass_tokens_of_all_its_trials_and_grows_back_when_the_group_shrinks(prepared):
+    # block 32: a pass of 4096 tokens is 128 trial-sequences; each trial's batch is 4 micro-batches of 64
+    big = dict(dropout=0.0, batch_size=64, gradient_accumulation_steps=4, eval_iters=2)
+    configs = [tiny_config(seed=1, max_iters=10, **big), tiny_config(seed=2, **big)]  # the first leaves at 10
+    assert CPU_PASS_TOKENS // configs[0].block_size == 128
+    shapes: list[tuple[bool, int, int]] = []  # (training, trials, sequences per trial) of every pass
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        shapes.append((module.training, *args[0].shape[:2]))
+
+    train(configs, prepared, device=record)
+    training = [(k, n) for is_training, k, n in shapes if is_training]
+    assert training == [(2, 64)] * 4 * 10 + [(1, 128)] * 2 * 10  # 4 passes a step fused, 2 alone
+    assert {(k, n) for is_training, k, n in shapes if not is_training} == {(2, 64), (1, 128)}  # 2 x 64 per split
 
 
 def test_a_pass_of_one_sequence_that_does_not_fit_fails_the_group_with_a_one_line_reason(prepared):

@@ -81,7 +81,7 @@ class TrainConfig:
     # --- hardware ---
     device: str = _knob("auto", "auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps", DEVICE, identity=False)
     dtype: str = _knob(
-        "auto", "auto (CUDA: bf16 where native, else fp16; CPU: bf16 from n_embd 256 where native, else fp32), "
+        "auto", "auto (CUDA: bf16 where native, else fp16; CPU: bf16 from n_embd 128 where native, else fp32), "
         "float32, bfloat16 or float16",
         DTYPE, identity=False,
     )  # fmt: skip

@@ -8,9 +8,10 @@ import torch
 
 from nanosweep.config import ConfigError, TrainConfig
 
-# On a CPU with native bf16 (AVX-512 BF16, there with AMX) a bf16 step was 1.2-1.5x as fast from width 256 and 9-23 %
-# slower at width 128, where autocast's casts cost more than the matmuls save (bench/README, "A CPU step").
-CPU_BF16_MIN_WIDTH = 256
+# On a CPU with native bf16 (AVX-512 BF16, there with AMX) the recipe's step was 1.4-1.5x as fast in bf16 at width 256
+# and 1.3x at width 128, once attention ran as matmuls (model.GPT.attention) and passes held 4096 tokens
+# (memory.CPU_PASS_TOKENS); the study has no narrower model (bench/README, "A CPU step").
+CPU_BF16_MIN_WIDTH = 128
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class Hardware:
 
 def resolve_hardware(cfg: TrainConfig) -> Hardware:
     """cuda when present (bf16 where native, else fp16 with a grad scaler; compiled where Triton is), else cpu
-    (bf16 for wide models on a CPU with native bf16, else fp32), eager; refuse what isn't here."""
+    (bf16 for models of the study's widths on a CPU with native bf16, else fp32), eager; refuse what isn't here."""
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

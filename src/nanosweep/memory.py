@@ -1,7 +1,7 @@
 """How many sequences one forward/backward pass holds: an execution choice that never changes the maths.
 
 The recipe's batch (gradient_accumulation_steps x batch_size sequences per trial, the loss their mean) may run in
-any number of passes. On CPU the recipe's micro-batches are as fast as one big pass (bench/README.md); on a GPU tiny
+any number of passes. On a CPU a pass holds about CPU_PASS_TOKENS tokens of all its trials together; on a GPU tiny
 passes leave it idle, so a pass holds as many sequences as this process's share of the GPU's memory does: measured
 from the peaks of two probe passes (never guessed from a formula), and halved again whenever the allocator still
 runs out. The plan is per trial-sequence, so when a fused group shrinks its passes grow back.
@@ -18,6 +18,10 @@ import torch
 
 PROCESSES_PER_GPU_ENV = "NANOSWEEP_PROCESSES_PER_GPU"  # set by the local pool: how many trial processes share a GPU
 HEADROOM = 0.85  # of this process's share: the caching allocator's fragmentation, cuBLAS and attention workspaces
+# a CPU pass's tokens (sequences x block_size x trials): one trial's micro-batch at block 64 (512 tokens) took
+# 1.15-1.27x as long a token as passes of 4096; bigger passes gained up to 10 % at width 128, lost 6 % at 256
+# (bench/README, "Passes on a CPU")
+CPU_PASS_TOKENS = 4096
 
 T = TypeVar("T")
 
@@ -30,7 +34,7 @@ class DoesNotFit(RuntimeError):
 class PassPlan:
     """Sequences per trial in one pass: `preferred` where memory allows, never above `capacity` trial-sequences."""
 
-    preferred: int  # sequences per trial in a training pass: the recipe's micro-batch (CPU) or the whole batch (GPU)
+    preferred: int  # sequences per trial in a training pass where the capacity allows: the recipe's whole batch
     capacity: int | None = None  # trial-sequences (sequences x trials) one pass can hold; None: no limit known
     bytes_per_sequence: float = 0.0  # measured memory of one trial-sequence in a training pass (0: not measured)
     fixed_bytes: float = 0.0  # measured memory of a pass beyond its sequences (gradients, workspaces)
@@ -42,7 +46,7 @@ class PassPlan:
 
     def eval_pass(self, n: int, n_trials: int) -> int:
         """Sequences per trial in an evaluation pass (no gradients kept): as many as the capacity allows, else the
-        preferred training pass (on CPU, the recipe's micro-batch)."""
+        preferred training pass."""
         fit = self.preferred if self.capacity is None else self.capacity // n_trials
         return max(1, min(n, fit))
 
@@ -82,6 +86,11 @@ class PassPlan:
     def predicted_bytes(self, sequences: int, n_trials: int) -> float:
         """The measured model of a training pass's peak above what was allocated before it."""
         return self.fixed_bytes + self.bytes_per_sequence * sequences * n_trials
+
+
+def cpu_plan(block_size: int, total: int) -> PassPlan:
+    """A CPU's passes: CPU_PASS_TOKENS tokens of all trials (at least one sequence per trial), of total per trial."""
+    return PassPlan(preferred=total, capacity=max(CPU_PASS_TOKENS // block_size, 1))
 
 
 def processes_on_this_gpu() -> int:

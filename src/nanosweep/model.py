@@ -10,11 +10,13 @@ one: `model(idx)` with idx (B, T) is nanoGPT's interface.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HEAD = "lm_head.weight"  # nanoGPT's output head: tied to the token embedding, stored once
 EMBEDDING = "transformer.wte.weight"
@@ -237,7 +239,11 @@ class GPT(nn.Module):
             return y.unflatten(0, (b - a, B)).transpose(2, 3).reshape(b - a, B, T, C)
 
         runs = runs_of(tuple(zip(self.heads, rates)))
-        y = torch.cat([attend(*run) for run in runs]) if len(runs) > 1 else attend(*runs[0])
+        # the backward of PyTorch's CPU flash-attention kernel (its choice without dropout) took 8x as long in bf16 as
+        # in fp32: on a CPU, bf16 attention runs as matmuls, on AMX where the CPU has it (bench/README)
+        as_matmuls = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        with sdpa_kernel(SDPBackend.MATH) if as_matmuls else nullcontext():
+            y = torch.cat([attend(*run) for run in runs]) if len(runs) > 1 else attend(*runs[0])
         return dropout(linear(y, w[block + "attn.c_proj.weight"]), self.rates, self.rate, self.training)
 
     @torch.no_grad()

@@ -33,17 +33,17 @@ from nanosweep.group import (
     seed_global_rng,
 )
 from nanosweep.hardware import Hardware, resolve_hardware
-from nanosweep.memory import PassPlan, measure_plan
+from nanosweep.memory import PassPlan, cpu_plan, measure_plan
 from nanosweep.model import GPT
 
 
 def plan_passes(group: FusedGroup, batches: Batches, autocast: Any) -> PassPlan:
-    """CPU: the recipe's micro-batches. GPU: the whole batch in one pass where this process's share of memory holds
-    it, else as many sequences as it does, measured on two probe passes before training starts."""
+    """CPU: passes of memory.CPU_PASS_TOKENS tokens. GPU: the whole batch in one pass where this process's share of
+    memory holds it, else as many sequences as it does, measured on two probe passes before training starts."""
     cfg, hw = group.runs[0].cfg, group.hw
     total = cfg.gradient_accumulation_steps * cfg.batch_size
     if hw.device.type != "cuda":
-        return PassPlan(preferred=cfg.batch_size)
+        return cpu_plan(cfg.block_size, total)
 
     def probe_pass(n: int) -> None:
         # throwaway windows from generators of their own; the global RNG (dropout) is put back afterwards
