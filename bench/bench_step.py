@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_step.py --layers 6 --trials 1,2,4,8
     PYTHONPATH=OTHER_CHECKOUT/src .venv/bin/python bench/bench_step.py ...   # the same figures for another version
+    .venv/bin/python bench/bench_step.py --layers 4 --block 64 --embd 128 --heads 4 --batch 8 --accum 40 \
+        --dropout 0.1 --per_pass 64 --threads 2 --trials 1 --iters 1 --repeats 3   # the recipe's step, passes of 64
 
 A GPU running these tiny models waits on the host: each aten operation is a kernel launch (about 5-10 us of host
 time), so a step's cost is its number of operations. The counter is a TorchDispatchMode that sees every aten call,
@@ -24,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanosweep.config import TrainConfig
 from nanosweep.data import Batches, prepare
+from nanosweep.memory import PassPlan
 from nanosweep.train import train_fused
 
 try:  # the layout since issue 18
@@ -64,28 +67,33 @@ class Size:
     embd: int = 32
     heads: int = 2
     batch: int = 2
+    accum: int = 1  # micro-batches of `batch` sequences per step (the recipe's gradient_accumulation_steps: 40)
+    dropout: float = 0.0  # the study trains with 0.1 and 0.2
+    per_pass: int = 0  # sequences per trial in a pass; 0: the device's own plan (train.plan_passes)
     dtype: str = "float32"
     compile: str = "off"  # on: torch.compile'd passes (the figures then exclude compiling: 2n - n iterations)
 
 
 def configs(size: Size, trials: int, iters: int) -> list[TrainConfig]:
     base = TrainConfig(block_size=size.block, n_layer=size.layers, n_head=size.heads, n_embd=size.embd,
-                       batch_size=size.batch, gradient_accumulation_steps=1, max_iters=iters, eval_interval=10**6,
-                       eval_iters=1, log_interval=10**6, warmup_iters=10, dropout=0.0, device="cpu",
+                       batch_size=size.batch, gradient_accumulation_steps=size.accum, max_iters=iters,
+                       eval_interval=10**6, eval_iters=1, log_interval=10**6, warmup_iters=10, dropout=size.dropout,
+                       device="cpu",
                        dtype=size.dtype, **({"compile": size.compile} if size.compile != "off" else {}))  # fmt: skip
     return [base.replace(seed=k + 1) for k in range(trials)]
 
 
-def run(cfgs: list[TrainConfig], batches: Batches) -> None:
+def run(cfgs: list[TrainConfig], batches: Batches, per_pass: int = 0) -> None:
     trials = [Trial(c, build_model(c, VOCAB), Quiet()) for c in cfgs]
-    train_fused(trials, batches, resolve_hardware(cfgs[0]), lambda trial, result: None)
+    plan = PassPlan(preferred=per_pass) if per_pass else None  # None: what train_fused plans for the device
+    train_fused(trials, batches, resolve_hardware(cfgs[0]), lambda trial, result: None, plan)
 
 
 def ops_per_step(size: Size, trials: int, batches: Batches, n: int = 2) -> int:
     counts = []
     for iters in (n, 2 * n):
         with CountOps() as counter:
-            run(configs(size, trials, iters), batches)
+            run(configs(size, trials, iters), batches, size.per_pass)
         counts.append(counter.count)
     return (counts[1] - counts[0]) // n
 
@@ -97,7 +105,7 @@ def host_ms_per_step(size: Size, trials: int, batches: Batches, n: int, repeats:
         times = []
         for iters in (n, 2 * n):
             t0 = time.perf_counter()
-            run(configs(size, trials, iters), batches)
+            run(configs(size, trials, iters), batches, size.per_pass)
             times.append(time.perf_counter() - t0)
         samples.append((times[1] - times[0]) / n * 1000)
     return statistics.median(samples)
@@ -120,7 +128,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for k in (int(t) for t in args.trials.split(",")):
         t0 = time.perf_counter()
-        run(configs(size, k, args.iters), batches)  # compiled: this run pays for compiling, the timed ones do not
+        # compiled: this run pays for compiling, the timed ones do not
+        run(configs(size, k, args.iters), batches, size.per_pass)
         first = time.perf_counter() - t0
         ops = ops_per_step(size, k, batches) if size.compile == "off" else "-"  # compiled kernels are not aten ops
         ms = host_ms_per_step(size, k, batches, args.iters, args.repeats)
