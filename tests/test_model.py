@@ -110,3 +110,6 @@ def test_on_a_cpu_bf16_attention_runs_as_matmuls_and_agrees_with_fp32_s_flash_ke
         flash = {name for name in ops.names if "flash_attention" in name}
         assert bool(flash) == (dtype == torch.float32), (dtype, flash)  # its bf16 backward is slow on a CPU
     assert torch.allclose(losses[torch.bfloat16].float(), losses[torch.float32], atol=2e-2)
+    with AtenOps() as ops, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, targets)  # an evaluation: no backward, and the kernel's forward is fast in bf16
+    assert any("flash_attention" in name for name in ops.names)

@@ -240,8 +240,8 @@ class GPT(nn.Module):
 
         runs = runs_of(tuple(zip(self.heads, rates)))
         # the backward of PyTorch's CPU flash-attention kernel (its choice without dropout) took 8x as long in bf16 as
-        # in fp32: on a CPU, bf16 attention runs as matmuls, on AMX where the CPU has it (bench/README)
-        as_matmuls = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        # in fp32, its forward no longer: on a CPU, bf16 attention to be differentiated runs as matmuls (bench/README)
+        as_matmuls = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
         with sdpa_kernel(SDPBackend.MATH) if as_matmuls else nullcontext():
             y = torch.cat([attend(*run) for run in runs]) if len(runs) > 1 else attend(*runs[0])
         return dropout(linear(y, w[block + "attn.c_proj.weight"]), self.rates, self.rate, self.training)
