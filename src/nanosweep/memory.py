@@ -89,7 +89,8 @@ class PassPlan:
 
 
 def cpu_plan(block_size: int, total: int) -> PassPlan:
-    """A CPU's passes: CPU_PASS_TOKENS tokens of all trials (at least one sequence per trial), of total per trial."""
+    """A CPU's passes of a step of `total` sequences per trial: CPU_PASS_TOKENS tokens of all trials together, and
+    at least one sequence per trial."""
     return PassPlan(preferred=total, capacity=max(CPU_PASS_TOKENS // block_size, 1))
 
 
